@@ -1,0 +1,297 @@
+"""The one validation layer shared by every public entry point.
+
+Two kinds of checks live here:
+
+* **metadata checks** (type, dtype, shape, device, option values): always on, cost nothing,
+  never touch tensor data;
+* **value checks** (label range, finiteness, non-negative weights): cheap vectorised reductions
+  switched off with ``validate=False``. On CPU they raise ``ValueError`` directly. On an
+  accelerator they are queued with ``torch._assert_async`` so the hot path never synchronises
+  with the host; a failure then surfaces as a device-side error at the next synchronisation.
+  Under ``torch.compile`` value checks are skipped (they would break the graph).
+
+Every message names the argument, what was expected and what arrived.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal, Optional
+
+import torch
+
+TargetKind = Literal["labels", "probs"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def shape_str(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+def require_tensor(x: Any, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}.")
+    return x
+
+
+def require_floating(x: Any, name: str) -> torch.Tensor:
+    x = require_tensor(x, name)
+    if not x.is_floating_point():
+        raise TypeError(f"`{name}` must have a floating dtype, got {x.dtype}.")
+    return x
+
+
+def require_same_device(x: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    if x.device != ref.device:
+        raise ValueError(
+            f"`{name}` must be on the same device as `{ref_name}` ({ref.device}), got {x.device}."
+        )
+
+
+def require_choice(value: Any, name: str, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {tuple(choices)}, got {value!r}.")
+
+
+def require_nonnegative_number(value: Any, name: str, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a number, got {type(value).__name__}.")
+    bad = (value <= 0) if positive else (value < 0)
+    if bad or not math.isfinite(value):
+        kind = "a finite number > 0" if positive else "a finite number >= 0"
+        raise ValueError(f"`{name}` must be {kind}, got {value!r}.")
+    return float(value)
+
+
+def require_finite_number(value: Any, name: str) -> float:
+    """A finite real number of either sign (schedule end points may be negative)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a number, got {type(value).__name__}.")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+    return float(value)
+
+
+def require_positive_int(value: Any, name: str) -> int:
+    # bool is an int subclass; `passes=True` is a bug, not 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}.")
+    if value < 1:
+        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+    return int(value)
+
+
+def require_reduction(reduction: Any) -> str:
+    require_choice(reduction, "reduction", _REDUCTIONS)
+    return str(reduction)
+
+
+def require_logits(logits: Any, name: str = "logits") -> torch.Tensor:
+    logits = require_floating(logits, name)
+    if logits.ndim < 3:
+        raise ValueError(
+            f"`{name}` must have shape (B, C, *S) with at least one spatial dim, "
+            f"got {shape_str(logits.shape)}."
+        )
+    if logits.shape[1] < 1 or logits.numel() == 0:
+        raise ValueError(f"`{name}` must be non-empty, got shape {shape_str(logits.shape)}.")
+    return logits
+
+
+def resolve_activation(num_classes: int, softmax: Optional[bool], sigmoid: Optional[bool]) -> str:
+    """``C == 1`` is binary (sigmoid), ``C >= 2`` softmax; explicit flags must agree."""
+    if sigmoid and softmax:
+        raise ValueError("`softmax` and `sigmoid` are mutually exclusive, got both True.")
+    if sigmoid:
+        if num_classes != 1:
+            raise ValueError(
+                "`sigmoid=True` is for binary logits with C == 1 (treated as classes [1-p, p]); "
+                f"got C = {num_classes}. Use softmax for C >= 2."
+            )
+        return "sigmoid"
+    if softmax:
+        if num_classes == 1:
+            raise ValueError(
+                "`softmax=True` needs C >= 2 classes; logits with C == 1 are binary: "
+                "pass sigmoid=True (or leave both flags unset)."
+            )
+        return "softmax"
+    if softmax is False and sigmoid is False:
+        raise ValueError(
+            "The losses take logits and need an activation: leave `softmax`/`sigmoid` unset "
+            "or set one of them."
+        )
+    return "sigmoid" if num_classes == 1 else "softmax"
+
+
+def classify_target(target: Any, logits: torch.Tensor, name: str = "target") -> TargetKind:
+    """Decide whether ``target`` holds class labels or per-class probabilities.
+
+    Accepted: labels ``(B, *S)`` or ``(B, 1, *S)`` (integer, bool or integral float values) and
+    one-hot / soft targets ``(B, C, *S)`` (any numeric dtype, values in [0, 1]). For binary
+    logits (``C == 1``) a floating ``(B, 1, *S)`` target is the foreground probability.
+    """
+    target = require_tensor(target, name)
+    require_same_device(target, name, logits, "logits")
+    b, c, *spatial = logits.shape
+    labels_shape = (b, *spatial)
+    if tuple(target.shape) == labels_shape:
+        kind: TargetKind = "labels"
+    elif (
+        target.ndim == logits.ndim
+        and tuple(target.shape[2:]) == tuple(spatial)
+        and (target.shape[0] == b)
+    ):
+        if c == 1 and target.shape[1] == 1:
+            # binary: a floating (B, 1, *S) map is a foreground probability, anything else labels
+            kind = "probs" if target.is_floating_point() else "labels"
+        elif target.shape[1] == c:
+            kind = "probs"
+        elif target.shape[1] == 1:
+            kind = "labels"
+        else:
+            raise ValueError(
+                f"`{name}` must have shape (B, *S) = {shape_str(labels_shape)}, "
+                f"(B, 1, *S) or (B, C, *S) = {shape_str(logits.shape)} to match `logits` "
+                f"{shape_str(logits.shape)}, got {shape_str(target.shape)}."
+            )
+    else:
+        raise ValueError(
+            f"`{name}` must have shape (B, *S) = {shape_str(labels_shape)}, (B, 1, *S) or "
+            f"(B, C, *S) = {shape_str(logits.shape)} to match `logits` "
+            f"{shape_str(logits.shape)}, got {shape_str(target.shape)}."
+        )
+    if kind == "labels" and target.is_complex():
+        raise TypeError(f"`{name}` labels must be integer, bool or float, got {target.dtype}.")
+    return kind
+
+
+def labels_view(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Labels as ``(B, *S)`` (squeezing a channel dim of size 1)."""
+    if target.ndim == logits.ndim:
+        return target[:, 0]
+    return target
+
+
+def require_region_weight(weight: Any, logits: torch.Tensor, name: str = "region_weight") -> None:
+    """``(B, *S)``, ``(B, 1, *S)``, or with B = 1 to broadcast over the batch."""
+    weight = require_tensor(weight, name)
+    require_same_device(weight, name, logits, "logits")
+    if not (weight.is_floating_point() or weight.dtype == torch.bool):
+        raise TypeError(f"`{name}` must be a floating or bool tensor, got {weight.dtype}.")
+    b, _, *spatial = logits.shape
+    ok_shapes = {(b, *spatial), (1, *spatial), (b, 1, *spatial), (1, 1, *spatial)}
+    if tuple(weight.shape) not in ok_shapes:
+        raise ValueError(
+            f"`{name}` must have shape (B, *S) = {shape_str((b, *spatial))} or (B, 1, *S) "
+            f"(B may be 1 to broadcast over the batch) to match `logits` "
+            f"{shape_str(logits.shape)}, got {shape_str(weight.shape)}."
+        )
+
+
+def weight_view(weight: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Region weight as ``(B or 1, *S)``."""
+    if weight.ndim == logits.ndim:
+        return weight[:, 0]
+    return weight
+
+
+def require_class_weight(class_weight: Any, num_classes: int, logits: torch.Tensor) -> torch.Tensor:
+    """One non-negative weight per class (C entries; 2 for binary logits with C == 1)."""
+    expected = max(num_classes, 2)
+    if isinstance(class_weight, torch.Tensor):
+        cw = class_weight
+    elif isinstance(class_weight, (Sequence,)) and not isinstance(class_weight, str):
+        cw = torch.as_tensor(list(class_weight), dtype=torch.float32)
+    else:
+        raise TypeError(
+            f"`class_weight` must be a sequence or 1-D tensor of {expected} numbers, "
+            f"got {type(class_weight).__name__}."
+        )
+    if cw.ndim != 1 or cw.shape[0] != expected:
+        raise ValueError(
+            f"`class_weight` must have shape ({expected},) (one weight per class"
+            f"{', background first, for binary logits' if num_classes == 1 else ''}), "
+            f"got {shape_str(cw.shape)}."
+        )
+    if not cw.is_floating_point():
+        cw = cw.float()
+    cw = cw.to(device=logits.device)
+    if cw.device.type == "cpu" and not _compiling() and bool((cw < 0).any() | ~cw.isfinite().all()):
+        raise ValueError(f"`class_weight` must be finite and >= 0, got {cw.tolist()}.")
+    return cw
+
+
+def require_ignore_index(ignore_index: Any, kind: TargetKind) -> Optional[int]:
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(
+            f"`ignore_index` must be an int or None, got {type(ignore_index).__name__}."
+        )
+    if kind != "labels":
+        raise ValueError(
+            "`ignore_index` applies to label targets (B, *S); got a per-class probability target "
+            "(B, C, *S). Zero the region weight instead."
+        )
+    return ignore_index
+
+
+# --------------------------------------------------------------------------------------------
+# value checks (validate=True)
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+def check_values(condition: torch.Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``condition`` (a 0-d bool tensor) holds.
+
+    CPU: checked at once. Accelerators: queued asynchronously, no host synchronisation.
+    """
+    if _compiling():
+        return
+    if condition.device.type == "cpu":
+        if not bool(condition):
+            raise ValueError(message)
+    else:
+        torch._assert_async(condition, message)
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    check_values(torch.isfinite(x).all(), f"`{name}` must be finite; it contains NaN or Inf.")
+
+
+def check_labels(
+    labels: torch.Tensor, num_classes: int, ignore_index: Optional[int], name: str = "target"
+) -> None:
+    """Labels must be integral and in [0, C) (C = 2 for binary), except ``ignore_index``."""
+    high = max(num_classes, 2)
+    valid = (labels >= 0) & (labels < high)
+    if labels.is_floating_point():
+        valid &= labels == torch.round(labels)
+    if ignore_index is not None:
+        valid |= labels == ignore_index
+    allowed = f"integers in [0, {high - 1}]"
+    if ignore_index is not None:
+        allowed += f" or ignore_index={ignore_index}"
+    check_values(valid.all(), f"`{name}` labels must be {allowed}; found other values.")
+
+
+def check_probabilities(target: torch.Tensor, name: str = "target") -> None:
+    check_values(
+        ((target >= 0) & (target <= 1)).all(),
+        f"`{name}` probabilities must lie in [0, 1]; found values outside.",
+    )
+
+
+def check_nonnegative(x: torch.Tensor, name: str) -> None:
+    if x.dtype == torch.bool:
+        return
+    check_values(
+        ((x >= 0) & torch.isfinite(x)).all(), f"`{name}` must be finite and >= 0; found others."
+    )
