@@ -1,0 +1,313 @@
+r"""The fused region CE + Dice statistics: one autograd node, chunked, memory-light.
+
+:func:`fused_stats` returns the same :class:`~bual_losses.losses.RegionStats` as
+:func:`~bual_losses.losses.reference_stats`, so the loss is finished by the same code on both
+paths. What differs is how the per-voxel work is done:
+
+* **forward** walks the voxels in chunks of about :data:`CHUNK_ELEMENTS` logits. Per chunk: one
+  softmax (binary logits use ``softmax([0, z]) = [1 - sigmoid(z), sigmoid(z)]``), the log-sum-exp
+  recovered from the softmax as ``lse = max_c z_c - log max_c p_c`` (exact and finite for logits
+  of any size, since ``max_c p_c >= 1/C``), and the sums of :class:`RegionStats` accumulated in
+  float32 (float64 for float64 logits). Nothing of size ``(B, C, *S)`` is kept: autograd saves
+  only the inputs (logits, target, weight) and per-sample scalars.
+* **backward** recomputes the softmax per chunk and writes the closed-form gradient straight into
+  one preallocated tensor. With ``h_c = dL/dp_c`` per unit weight,
+
+  .. math::
+
+      \frac{\partial L}{\partial z_j} = w\Big[\bar g_{ce}\,(A\,p_j - a_j)
+          + p_j\big(h_j - \textstyle\sum_c p_c h_c\big)\Big],\qquad
+      h_c = \bar g_{I,c}\, g_c + k\,\bar g_{P,c}\, p_c^{k-1},
+
+  where ``a_c = \omega_c g_c`` (class-weighted target), ``A = \sum_c a_c`` and the bars are the
+  incoming gradients of ``ce_num``, ``inter`` and ``pred``.
+
+Uncertainty weights can be derived inside the node from the same softmax (normalised entropy
+``u = (lse - sum_c p_c z_c) / ln K``, then :class:`UncertaintyWeight`), so the labeled branch of
+:func:`~bual_losses.bidirectional_loss` needs no separate entropy map.
+
+No ``.item()``, no host synchronisation and no data-dependent Python branches: chunk bounds come
+from shapes only, so the same code runs on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional
+
+import torch
+
+from .losses import RegionStats, _Options, accumulation_dtype
+
+__all__ = ["CHUNK_ELEMENTS", "UncertaintyWeight", "fused_stats"]
+
+#: Logits per chunk (about 1 MiB of float32): small enough to stay in a CPU core's L2 cache with
+#: its temporaries, large enough that per-op overhead stays well below the arithmetic.
+CHUNK_ELEMENTS = 1 << 18
+
+
+class UncertaintyWeight(NamedTuple):
+    r"""A region weight derived from the normalised entropy ``u`` of the logits themselves.
+
+    ``w = base + scale * s`` with ``s = [u > threshold]`` (``temperature=None``) or
+    ``sigmoid((u - threshold) / temperature)`` for ``side="high"``, and ``1 - s`` for
+    ``side="low"`` (ties ``u == threshold`` go to the low side). The weight carries no gradient.
+
+    ``threshold`` is a 0-d tensor or one value per sample, shape ``(B,)``.
+    """
+
+    threshold: torch.Tensor
+    side: str = "high"
+    base: float = 1.0
+    scale: float = 1.0
+    temperature: Optional[float] = None
+
+    def __call__(self, u: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        """Weight for uncertainty ``u``; ``threshold`` already shaped to broadcast against it."""
+        if self.temperature is None:
+            s = (u > threshold).to(u.dtype)
+        else:
+            s = torch.sigmoid((u - threshold) / self.temperature)
+        if self.side == "low":
+            s = 1 - s
+        return self.base + self.scale * s
+
+
+class _Chunk(NamedTuple):
+    b0: int
+    b1: int
+    s0: int
+    s1: int
+
+
+def _chunks(batch: int, voxels: int, channels: int) -> list[_Chunk]:
+    """Chunks of whole samples when samples are small, of voxel ranges inside one sample else."""
+    per_chunk = max(1, CHUNK_ELEMENTS // max(channels, 1))
+    if voxels <= per_chunk:
+        step = max(1, per_chunk // voxels)
+        return [_Chunk(b, min(b + step, batch), 0, voxels) for b in range(0, batch, step)]
+    return [
+        _Chunk(b, b + 1, s, min(s + per_chunk, voxels))
+        for b in range(batch)
+        for s in range(0, voxels, per_chunk)
+    ]
+
+
+class _Prepared(NamedTuple):
+    """Everything one pass over a chunk needs, viewed as (B, C, N) / (B, N)."""
+
+    logits: torch.Tensor  # (B, C, N)
+    labels: Optional[torch.Tensor]  # (B, N) integer, ignore replaced by 0
+    valid: Optional[torch.Tensor]  # (B, N) bool, None when nothing is ignored
+    probs: Optional[torch.Tensor]  # (B, K, N) soft targets
+    weight: Optional[torch.Tensor]  # (B or 1, N)
+    binary: bool
+    num_classes: int  # K
+    dtype: torch.dtype  # accumulation dtype
+
+
+def _softmax_parts(
+    z: torch.Tensor, binary: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(z_K, p, lse)`` for a chunk ``z`` of shape (nb, C, n); binary logits become [0, z]."""
+    z = z.to(dtype)
+    if binary:
+        z = torch.cat([torch.zeros_like(z), z], dim=1)
+    p = torch.softmax(z, dim=1)
+    zmax, arg = z.max(dim=1, keepdim=True)
+    lse = zmax - torch.log(p.gather(1, arg))  # (nb, 1, n)
+    return z, p, lse
+
+
+def _chunk_targets(
+    prep: _Prepared, ch: _Chunk, dtype: torch.dtype
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
+    """``(labels (nb, 1, n) long | None, g (nb, K, n) | None, w (nb, n))`` for one chunk."""
+    b, s = slice(ch.b0, ch.b1), slice(ch.s0, ch.s1)
+    nb, n = ch.b1 - ch.b0, ch.s1 - ch.s0
+    if prep.weight is None:
+        w = torch.ones((nb, n), dtype=dtype, device=prep.logits.device)
+    else:
+        wb = prep.weight[b] if prep.weight.shape[0] > 1 else prep.weight
+        w = wb[:, s].to(dtype).expand(nb, n)
+    if prep.valid is not None:
+        w = w * prep.valid[b, s]
+    if prep.labels is not None:
+        return prep.labels[b, s].long().unsqueeze(1), None, w
+    assert prep.probs is not None
+    g = prep.probs[b, :, s].to(dtype)
+    if prep.binary:
+        g = torch.cat([1 - g, g], dim=1)
+    return None, g, w
+
+
+def _derived(
+    spec: Optional[UncertaintyWeight],
+    z: torch.Tensor,
+    p: torch.Tensor,
+    lse: torch.Tensor,
+    ch: _Chunk,
+) -> Optional[torch.Tensor]:
+    if spec is None:
+        return None
+    entropy = lse[:, 0] - (p * z).sum(dim=1)  # (nb, n), exact: H = lse - sum_c p_c z_c
+    u = entropy / math.log(p.shape[1])
+    thr = spec.threshold.to(u.dtype)
+    thr = thr[ch.b0 : ch.b1, None] if thr.ndim == 1 else thr
+    return spec(u, thr)
+
+
+class _FusedRegionStats(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        logits: torch.Tensor,
+        prep: _Prepared,
+        class_weight: Optional[torch.Tensor],
+        squared: bool,
+        spec: Optional[UncertaintyWeight],
+    ) -> tuple[torch.Tensor, ...]:
+        dtype, k = prep.dtype, prep.num_classes
+        bsz, channels, voxels = prep.logits.shape
+        ce_num, ce_den = logits.new_zeros(bsz, dtype=dtype), logits.new_zeros(bsz, dtype=dtype)
+        inter, pred, ground = (logits.new_zeros(bsz, k, dtype=dtype) for _ in range(3))
+        cw = None if class_weight is None else class_weight.to(dtype)
+        for ch in _chunks(bsz, voxels, channels):
+            b = slice(ch.b0, ch.b1)
+            z, p, lse = _softmax_parts(prep.logits[b, :, ch.s0 : ch.s1], prep.binary, dtype)
+            y, g, w = _chunk_targets(prep, ch, dtype)
+            dw = _derived(spec, z, p, lse, ch)
+            if dw is not None:
+                w = w * dw
+            pk = p * p if squared else p
+            pred[b] += torch.bmm(pk, w.unsqueeze(-1)).squeeze(-1)
+            if y is not None:
+                # one-hot targets: every class sum is a scatter over the label, no (K, n) one-hot
+                wy = w if cw is None else w * cw[y[:, 0]]
+                ce_num[b] += (wy * (lse[:, 0] - z.gather(1, y)[:, 0])).sum(-1)
+                ce_den[b] += wy.sum(-1)
+                inter[b] += torch.zeros_like(inter[b]).scatter_add_(
+                    1, y[:, 0], w * p.gather(1, y)[:, 0]
+                )
+                ground[b] += torch.zeros_like(ground[b]).scatter_add_(1, y[:, 0], w)
+            else:
+                assert g is not None
+                a = g if cw is None else g * cw.view(1, -1, 1)
+                a_sum = a.sum(1)
+                ce_num[b] += (w * (lse[:, 0] * a_sum - (a * z).sum(1))).sum(-1)
+                ce_den[b] += (w * a_sum).sum(-1)
+                inter[b] += torch.bmm(p * g, w.unsqueeze(-1)).squeeze(-1)
+                gk = g * g if squared else g
+                ground[b] += torch.bmm(gk, w.unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(logits, class_weight)
+        ctx.prep, ctx.squared, ctx.spec = prep, squared, spec
+        ctx.mark_non_differentiable(ce_den, ground)
+        return ce_num, ce_den, inter, pred, ground
+
+    @staticmethod
+    def backward(
+        ctx: Any,
+        g_ce: torch.Tensor,
+        _g_den: Any,
+        g_inter: torch.Tensor,
+        g_pred: torch.Tensor,
+        _g: Any,
+    ) -> tuple[Optional[torch.Tensor], ...]:
+        logits, class_weight = ctx.saved_tensors
+        prep: _Prepared = ctx.prep
+        spec: Optional[UncertaintyWeight] = ctx.spec
+        dtype = prep.dtype
+        bsz, channels, voxels = prep.logits.shape
+        power = 2.0 if ctx.squared else 1.0
+        g_ce, g_inter, g_pred = (t.to(dtype) for t in (g_ce, g_inter, g_pred))
+        cw = None if class_weight is None else class_weight.to(dtype)
+        grad = torch.empty_like(prep.logits)
+        for ch in _chunks(bsz, voxels, channels):
+            b = slice(ch.b0, ch.b1)
+            z, p, lse = _softmax_parts(prep.logits[b, :, ch.s0 : ch.s1], prep.binary, dtype)
+            y, g, w = _chunk_targets(prep, ch, dtype)
+            dw = _derived(spec, z, p, lse, ch)
+            if dw is not None:
+                w = w * dw
+            gce = g_ce[b, None, None]  # (nb, 1, 1)
+            gi, gp = g_inter[b].unsqueeze(-1), g_pred[b].unsqueeze(-1)  # (nb, K, 1)
+            # h = dL/dp per unit weight; dz = w * [gce (A p - a) + p (h - sum_c p_c h_c)]
+            hp = gp * p if power == 2.0 else gp.expand_as(p)
+            if power == 2.0:
+                hp = 2.0 * hp
+            if y is not None:
+                a_y = torch.ones_like(w) if cw is None else cw[y[:, 0]]
+                p_y = p.gather(1, y)[:, 0]
+                gi_y = gi[:, :, 0].gather(1, y[:, 0])
+                s = gi_y * p_y + (hp * p).sum(1)  # sum_c p_c h_c
+                dz = p * (hp + (gce[:, 0] * a_y - s).unsqueeze(1))
+                dz.scatter_add_(1, y, (gi_y * p_y - gce[:, 0] * a_y).unsqueeze(1))
+            else:
+                assert g is not None
+                a = g if cw is None else g * cw.view(1, -1, 1)
+                h = gi * g + hp
+                s = (p * h).sum(1, keepdim=True)
+                dz = p * (h - s + gce * a.sum(1, keepdim=True)) - gce * a
+            dz = dz * w.unsqueeze(1)
+            out = dz[:, 1:] if prep.binary else dz
+            grad[b, :, ch.s0 : ch.s1] = out
+        return grad.view_as(logits), None, None, None, None
+
+
+def _prepare(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    region_weight: Optional[torch.Tensor],
+    opts: _Options,
+) -> _Prepared:
+    from . import _validation as V
+
+    bsz, channels = logits.shape[:2]
+    logits3 = logits.reshape(bsz, channels, -1)
+    if not logits3.is_contiguous():
+        logits3 = logits3.contiguous()
+    binary = opts.activation == "sigmoid"
+    labels = valid = probs = None
+    if opts.kind == "labels":
+        labels = V.labels_view(target, logits).reshape(bsz, -1)
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            labels = labels.long()
+        if opts.ignore_index is not None:
+            valid = labels != opts.ignore_index
+            labels = torch.where(valid, labels, torch.zeros_like(labels))
+    else:
+        probs = target.reshape(bsz, target.shape[1], -1)
+    weight = None
+    if region_weight is not None:
+        wv = V.weight_view(region_weight, logits)
+        weight = wv.reshape(wv.shape[0], -1)
+    return _Prepared(
+        logits=logits3,
+        labels=labels,
+        valid=valid,
+        probs=probs,
+        weight=weight,
+        binary=binary,
+        num_classes=2 if binary else channels,
+        dtype=accumulation_dtype(logits.dtype),
+    )
+
+
+def fused_stats(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    region_weight: Optional[torch.Tensor],
+    opts: _Options,
+    derived_weight: Optional[UncertaintyWeight] = None,
+) -> RegionStats:
+    """The statistics of :func:`~bual_losses.losses.reference_stats` in one autograd node.
+
+    ``derived_weight`` multiplies the region weight by a weight computed from the normalised
+    entropy of ``logits`` inside the node (no separate uncertainty map, no gradient through it).
+    Inputs are validated by the public functions; this is the internal engine.
+    """
+    prep = _prepare(logits, target, region_weight, opts)
+    out = _FusedRegionStats.apply(
+        logits, prep, opts.class_weight, opts.squared_pred, derived_weight
+    )
+    return RegionStats(*out)
