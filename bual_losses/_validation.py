@@ -266,32 +266,34 @@ def check_finite(x: torch.Tensor, name: str) -> None:
     check_values(torch.isfinite(x).all(), f"`{name}` must be finite; it contains NaN or Inf.")
 
 
+def check_range(x: torch.Tensor, name: str, low: float, high: float, what: str) -> None:
+    """``low <= x <= high`` everywhere (NaN fails), in one min/max pass without temporaries."""
+    if x.dtype == torch.bool or x.numel() == 0:
+        return
+    lo, hi = torch.aminmax(x)
+    check_values((lo >= low) & (hi <= high), f"`{name}` must be {what}; found other values.")
+
+
 def check_labels(
     labels: torch.Tensor, num_classes: int, ignore_index: Optional[int], name: str = "target"
 ) -> None:
     """Labels must be integral and in [0, C) (C = 2 for binary), except ``ignore_index``."""
     high = max(num_classes, 2)
-    valid = (labels >= 0) & (labels < high)
-    if labels.is_floating_point():
-        valid &= labels == torch.round(labels)
-    if ignore_index is not None:
-        valid |= labels == ignore_index
     allowed = f"integers in [0, {high - 1}]"
     if ignore_index is not None:
         allowed += f" or ignore_index={ignore_index}"
-    check_values(valid.all(), f"`{name}` labels must be {allowed}; found other values.")
+        labels = torch.where(labels == ignore_index, torch.zeros_like(labels), labels)
+    if labels.is_floating_point():
+        check_values((labels == torch.round(labels)).all(), f"`{name}` labels must be {allowed}.")
+    check_range(labels, name, 0, high - 1, f"labels: {allowed}")
 
 
 def check_probabilities(target: torch.Tensor, name: str = "target") -> None:
-    check_values(
-        ((target >= 0) & (target <= 1)).all(),
-        f"`{name}` probabilities must lie in [0, 1]; found values outside.",
-    )
+    check_range(target, name, 0.0, 1.0, "probabilities in [0, 1]")
 
 
 def check_nonnegative(x: torch.Tensor, name: str) -> None:
     if x.dtype == torch.bool:
         return
-    check_values(
-        ((x >= 0) & torch.isfinite(x)).all(), f"`{name}` must be finite and >= 0; found others."
-    )
+    largest = torch.finfo(x.dtype).max if x.is_floating_point() else math.inf
+    check_range(x, name, 0.0, largest, "finite and >= 0")

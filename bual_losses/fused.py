@@ -97,64 +97,80 @@ class _Prepared(NamedTuple):
     """Everything one pass over a chunk needs, viewed as (B, C, N) / (B, N)."""
 
     logits: torch.Tensor  # (B, C, N)
-    labels: Optional[torch.Tensor]  # (B, N) integer, ignore replaced by 0
-    valid: Optional[torch.Tensor]  # (B, N) bool, None when nothing is ignored
-    probs: Optional[torch.Tensor]  # (B, K, N) soft targets
+    labels: Optional[torch.Tensor]  # (B, N) as given (any integer/float dtype)
+    ignore_index: Optional[int]
+    probs: Optional[torch.Tensor]  # (B, C, N) soft targets
     weight: Optional[torch.Tensor]  # (B or 1, N)
     binary: bool
     num_classes: int  # K
     dtype: torch.dtype  # accumulation dtype
 
 
-def _softmax_parts(
+def _softmax(
     z: torch.Tensor, binary: bool, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(z_K, p, lse)`` for a chunk ``z`` of shape (nb, C, n); binary logits become [0, z]."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z_K, p)`` for a chunk ``z`` of shape (nb, C, n); binary logits become [0, z]."""
     z = z.to(dtype)
     if binary:
         z = torch.cat([torch.zeros_like(z), z], dim=1)
-    p = torch.softmax(z, dim=1)
-    zmax, arg = z.max(dim=1, keepdim=True)
-    lse = zmax - torch.log(p.gather(1, arg))  # (nb, 1, n)
-    return z, p, lse
+    return z, torch.softmax(z, dim=1)
 
 
-def _chunk_targets(
-    prep: _Prepared, ch: _Chunk, dtype: torch.dtype
-) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
-    """``(labels (nb, 1, n) long | None, g (nb, K, n) | None, w (nb, n))`` for one chunk."""
+def _logsumexp(z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``lse = max_c z_c - log max_c p_c``, shape (nb, n): exact, since ``max_c p_c >= 1/K``."""
+    return z.amax(dim=1) - torch.log(p.amax(dim=1))
+
+
+class _ChunkTarget(NamedTuple):
+    labels: Optional[torch.Tensor]  # (nb, 1, n) int64, ignored voxels mapped to class 0
+    probs: Optional[torch.Tensor]  # (nb, K, n)
+    weight: torch.Tensor  # (nb, n): region weight x validity
+
+
+def _chunk_target(prep: _Prepared, ch: _Chunk) -> _ChunkTarget:
     b, s = slice(ch.b0, ch.b1), slice(ch.s0, ch.s1)
     nb, n = ch.b1 - ch.b0, ch.s1 - ch.s0
     if prep.weight is None:
-        w = torch.ones((nb, n), dtype=dtype, device=prep.logits.device)
+        w = prep.logits.new_ones((nb, n), dtype=prep.dtype)
     else:
         wb = prep.weight[b] if prep.weight.shape[0] > 1 else prep.weight
-        w = wb[:, s].to(dtype).expand(nb, n)
-    if prep.valid is not None:
-        w = w * prep.valid[b, s]
-    if prep.labels is not None:
-        return prep.labels[b, s].long().unsqueeze(1), None, w
-    assert prep.probs is not None
-    g = prep.probs[b, :, s].to(dtype)
-    if prep.binary:
-        g = torch.cat([1 - g, g], dim=1)
-    return None, g, w
+        w = wb[:, s].to(prep.dtype).expand(nb, n)
+    if prep.labels is None:
+        assert prep.probs is not None
+        g = prep.probs[b, :, s].to(prep.dtype)
+        if prep.binary:
+            g = torch.cat([1 - g, g], dim=1)
+        return _ChunkTarget(None, g, w)
+    y = prep.labels[b, s]
+    if prep.ignore_index is not None:
+        valid = y != prep.ignore_index
+        w = w * valid
+        y = torch.where(valid, y, torch.zeros_like(y))
+    return _ChunkTarget(y.long().unsqueeze(1), None, w)
 
 
 def _derived(
-    spec: Optional[UncertaintyWeight],
-    z: torch.Tensor,
-    p: torch.Tensor,
-    lse: torch.Tensor,
-    ch: _Chunk,
+    spec: Optional[UncertaintyWeight], z: torch.Tensor, p: torch.Tensor, ch: _Chunk
 ) -> Optional[torch.Tensor]:
     if spec is None:
         return None
-    entropy = lse[:, 0] - (p * z).sum(dim=1)  # (nb, n), exact: H = lse - sum_c p_c z_c
+    entropy = _logsumexp(z, p) - (p * z).sum(dim=1)  # H = lse - sum_c p_c z_c, no log(0)
     u = entropy / math.log(p.shape[1])
     thr = spec.threshold.to(u.dtype)
     thr = thr[ch.b0 : ch.b1, None] if thr.ndim == 1 else thr
     return spec(u, thr)
+
+
+def _chunk_inputs(
+    prep: _Prepared, ch: _Chunk, spec: Optional[UncertaintyWeight]
+) -> tuple[torch.Tensor, torch.Tensor, _ChunkTarget]:
+    """``(z, p, target)`` of one chunk, the derived uncertainty weight folded into the weight."""
+    z, p = _softmax(prep.logits[ch.b0 : ch.b1, :, ch.s0 : ch.s1], prep.binary, prep.dtype)
+    tgt = _chunk_target(prep, ch)
+    dw = _derived(spec, z, p, ch)
+    if dw is not None:
+        tgt = tgt._replace(weight=tgt.weight * dw)
+    return z, p, tgt
 
 
 class _FusedRegionStats(torch.autograd.Function):
@@ -174,27 +190,26 @@ class _FusedRegionStats(torch.autograd.Function):
         cw = None if class_weight is None else class_weight.to(dtype)
         for ch in _chunks(bsz, voxels, channels):
             b = slice(ch.b0, ch.b1)
-            z, p, lse = _softmax_parts(prep.logits[b, :, ch.s0 : ch.s1], prep.binary, dtype)
-            y, g, w = _chunk_targets(prep, ch, dtype)
-            dw = _derived(spec, z, p, lse, ch)
-            if dw is not None:
-                w = w * dw
+            z, p, tgt = _chunk_inputs(prep, ch, spec)
+            w, lse = tgt.weight, _logsumexp(z, p)
             pk = p * p if squared else p
             pred[b] += torch.bmm(pk, w.unsqueeze(-1)).squeeze(-1)
-            if y is not None:
+            if tgt.labels is not None:
                 # one-hot targets: every class sum is a scatter over the label, no (K, n) one-hot
+                y = tgt.labels
                 wy = w if cw is None else w * cw[y[:, 0]]
-                ce_num[b] += (wy * (lse[:, 0] - z.gather(1, y)[:, 0])).sum(-1)
+                ce_num[b] += (wy * (lse - z.gather(1, y)[:, 0])).sum(-1)
                 ce_den[b] += wy.sum(-1)
-                inter[b] += torch.zeros_like(inter[b]).scatter_add_(
+                inter[b] += inter.new_zeros(y.shape[0], k).scatter_add_(
                     1, y[:, 0], w * p.gather(1, y)[:, 0]
                 )
-                ground[b] += torch.zeros_like(ground[b]).scatter_add_(1, y[:, 0], w)
+                ground[b] += ground.new_zeros(y.shape[0], k).scatter_add_(1, y[:, 0], w)
             else:
+                g = tgt.probs
                 assert g is not None
                 a = g if cw is None else g * cw.view(1, -1, 1)
                 a_sum = a.sum(1)
-                ce_num[b] += (w * (lse[:, 0] * a_sum - (a * z).sum(1))).sum(-1)
+                ce_num[b] += (w * (lse * a_sum - (a * z).sum(1))).sum(-1)
                 ce_den[b] += (w * a_sum).sum(-1)
                 inter[b] += torch.bmm(p * g, w.unsqueeze(-1)).squeeze(-1)
                 gk = g * g if squared else g
@@ -215,42 +230,39 @@ class _FusedRegionStats(torch.autograd.Function):
     ) -> tuple[Optional[torch.Tensor], ...]:
         logits, class_weight = ctx.saved_tensors
         prep: _Prepared = ctx.prep
-        spec: Optional[UncertaintyWeight] = ctx.spec
         dtype = prep.dtype
         bsz, channels, voxels = prep.logits.shape
-        power = 2.0 if ctx.squared else 1.0
         g_ce, g_inter, g_pred = (t.to(dtype) for t in (g_ce, g_inter, g_pred))
+        if ctx.squared:
+            g_pred = 2 * g_pred  # d(p^2)/dp = 2p
         cw = None if class_weight is None else class_weight.to(dtype)
         grad = torch.empty_like(prep.logits)
         for ch in _chunks(bsz, voxels, channels):
             b = slice(ch.b0, ch.b1)
-            z, p, lse = _softmax_parts(prep.logits[b, :, ch.s0 : ch.s1], prep.binary, dtype)
-            y, g, w = _chunk_targets(prep, ch, dtype)
-            dw = _derived(spec, z, p, lse, ch)
-            if dw is not None:
-                w = w * dw
-            gce = g_ce[b, None, None]  # (nb, 1, 1)
+            _, p, tgt = _chunk_inputs(prep, ch, ctx.spec)
+            w = tgt.weight.unsqueeze(1)  # (nb, 1, n)
+            gce = g_ce[b].view(-1, 1, 1)
             gi, gp = g_inter[b].unsqueeze(-1), g_pred[b].unsqueeze(-1)  # (nb, K, 1)
-            # h = dL/dp per unit weight; dz = w * [gce (A p - a) + p (h - sum_c p_c h_c)]
-            hp = gp * p if power == 2.0 else gp.expand_as(p)
-            if power == 2.0:
-                hp = 2.0 * hp
-            if y is not None:
-                a_y = torch.ones_like(w) if cw is None else cw[y[:, 0]]
-                p_y = p.gather(1, y)[:, 0]
-                gi_y = gi[:, :, 0].gather(1, y[:, 0])
-                s = gi_y * p_y + (hp * p).sum(1)  # sum_c p_c h_c
-                dz = p * (hp + (gce[:, 0] * a_y - s).unsqueeze(1))
-                dz.scatter_add_(1, y, (gi_y * p_y - gce[:, 0] * a_y).unsqueeze(1))
+            # dL/dp_c per unit weight: h_c = gi_c g_c + gp_c p_c^(k-1); with it
+            # dz = w [gce (A p - a) + p (h - sum_c p_c h_c)]   (a = class-weighted target)
+            pk1 = p if ctx.squared else None
+            if tgt.labels is not None:
+                y = tgt.labels
+                a_y = gce if cw is None else gce * cw[y]  # (nb, 1, n) or (nb, 1, 1)
+                gi_p_y = gi[:, :, 0].gather(1, y[:, 0]).unsqueeze(1) * p.gather(1, y)
+                hp = gp * pk1 if pk1 is not None else gp
+                s = gi_p_y + torch.bmm(gp.transpose(1, 2), p * pk1 if pk1 is not None else p)
+                # dz = p * (hp + a_y - s) + onehot_y * (gi_y p_y - a_y), all times w
+                dz = p * ((hp + (a_y - s)) * w)
+                dz.scatter_add_(1, y, (gi_p_y - a_y) * w)
             else:
+                g = tgt.probs
                 assert g is not None
                 a = g if cw is None else g * cw.view(1, -1, 1)
-                h = gi * g + hp
+                h = gi * g + (gp * pk1 if pk1 is not None else gp)
                 s = (p * h).sum(1, keepdim=True)
-                dz = p * (h - s + gce * a.sum(1, keepdim=True)) - gce * a
-            dz = dz * w.unsqueeze(1)
-            out = dz[:, 1:] if prep.binary else dz
-            grad[b, :, ch.s0 : ch.s1] = out
+                dz = (p * (h - s + gce * a.sum(1, keepdim=True)) - gce * a) * w
+            grad[b, :, ch.s0 : ch.s1] = dz[:, 1:] if prep.binary else dz
         return grad.view_as(logits), None, None, None, None
 
 
@@ -267,14 +279,9 @@ def _prepare(
     if not logits3.is_contiguous():
         logits3 = logits3.contiguous()
     binary = opts.activation == "sigmoid"
-    labels = valid = probs = None
+    labels = probs = None
     if opts.kind == "labels":
         labels = V.labels_view(target, logits).reshape(bsz, -1)
-        if labels.is_floating_point() or labels.dtype == torch.bool:
-            labels = labels.long()
-        if opts.ignore_index is not None:
-            valid = labels != opts.ignore_index
-            labels = torch.where(valid, labels, torch.zeros_like(labels))
     else:
         probs = target.reshape(bsz, target.shape[1], -1)
     weight = None
@@ -284,7 +291,7 @@ def _prepare(
     return _Prepared(
         logits=logits3,
         labels=labels,
-        valid=valid,
+        ignore_index=opts.ignore_index,
         probs=probs,
         weight=weight,
         binary=binary,

@@ -120,7 +120,9 @@ def _parse(
     V.require_nonnegative_number(smooth_dr, "smooth_dr")
     V.require_nonnegative_number(eps, "eps", positive=True)
     if validate:
-        V.check_finite(logits, "logits")
+        # finiteness of the logits is checked on the statistics (see _stats): NaN or +Inf
+        # logits always make them non-finite, and that costs O(B*C) instead of a pass over
+        # the logits.
         if kind == "labels":
             V.check_labels(V.labels_view(target, logits), num_classes, ignore)
         else:
@@ -296,15 +298,24 @@ def _stats(
     region_weight: Optional[torch.Tensor],
     opts: _Options,
     impl: str,
+    validate: bool,
 ) -> RegionStats:
     if impl == "reference":
-        return reference_stats(logits, target, region_weight, opts)
-    from .fused import fused_stats
+        stats = reference_stats(logits, target, region_weight, opts)
+    else:
+        from .fused import fused_stats
 
-    return fused_stats(logits, target, region_weight, opts)
+        stats = fused_stats(logits, target, region_weight, opts)
+    if validate:
+        V.check_values(
+            torch.isfinite(stats.ce_num).all() & torch.isfinite(stats.pred).all(),
+            "`logits` must be finite: the loss statistics are NaN/Inf, so `logits` contain NaN "
+            "or +Inf (or -Inf at a target class).",
+        )
+    return stats
 
 
-_DEFAULT_IMPL = "reference"
+_DEFAULT_IMPL = "fused"
 
 
 def _resolve_impl(impl: str) -> str:
@@ -423,7 +434,7 @@ def region_ce_dice_loss(
             "`reduction='none'` gives one loss per sample and needs `batch=False`; "
             "batch Dice has no per-sample value."
         )
-    stats = _stats(logits, target, region_weight, opts, _resolve_impl(impl))
+    stats = _stats(logits, target, region_weight, opts, _resolve_impl(impl), validate)
     return _finish(stats, opts, lambda_ce=lambda_ce, lambda_dice=lambda_dice, reduction=reduction)
 
 
@@ -568,5 +579,5 @@ def region_dice_loss(
         impl=impl,
         validate=validate,
     )
-    stats = _stats(logits, target, region_weight, opts, _resolve_impl(impl))
+    stats = _stats(logits, target, region_weight, opts, _resolve_impl(impl), validate)
     return _dice_from_stats(stats, opts, reduction)
