@@ -50,8 +50,10 @@ class UncertaintyWeight(NamedTuple):
     r"""A region weight derived from the normalised entropy ``u`` of the logits themselves.
 
     ``w = base + scale * s`` with ``s = [u > threshold]`` (``temperature=None``) or
-    ``sigmoid((u - threshold) / temperature)`` for ``side="high"``, and ``1 - s`` for
-    ``side="low"`` (ties ``u == threshold`` go to the low side). The weight carries no gradient.
+    ``sigmoid((u - threshold) / temperature)`` for ``side="high"``; for ``side="low"`` the
+    complement ``[u <= threshold]`` or ``sigmoid((threshold - u) / temperature)`` (ties
+    ``u == threshold`` go to the low side, as in :mod:`bual_losses.regions`). The weight carries
+    no gradient.
 
     ``threshold`` is a 0-d tensor or one value per sample, shape ``(B,)``.
     """
@@ -62,15 +64,17 @@ class UncertaintyWeight(NamedTuple):
     scale: float = 1.0
     temperature: Optional[float] = None
 
-    def __call__(self, u: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-        """Weight for uncertainty ``u``; ``threshold`` already shaped to broadcast against it."""
+    def indicator(self, u: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        """Region membership ``s`` in [0, 1]; ``threshold`` shaped to broadcast against ``u``."""
         if self.temperature is None:
-            s = (u > threshold).to(u.dtype)
-        else:
-            s = torch.sigmoid((u - threshold) / self.temperature)
-        if self.side == "low":
-            s = 1 - s
-        return self.base + self.scale * s
+            high = u > threshold
+            return (high if self.side == "high" else ~high).to(u.dtype)
+        z = (u - threshold) / self.temperature
+        return torch.sigmoid(z if self.side == "high" else -z)
+
+    def __call__(self, u: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        """The weight ``base + scale * s``."""
+        return self.base + self.scale * self.indicator(u, threshold)
 
 
 class _Chunk(NamedTuple):
@@ -149,28 +153,28 @@ def _chunk_target(prep: _Prepared, ch: _Chunk) -> _ChunkTarget:
     return _ChunkTarget(y.long().unsqueeze(1), None, w)
 
 
-def _derived(
-    spec: Optional[UncertaintyWeight], z: torch.Tensor, p: torch.Tensor, ch: _Chunk
-) -> Optional[torch.Tensor]:
-    if spec is None:
-        return None
+def _indicator(
+    spec: UncertaintyWeight, z: torch.Tensor, p: torch.Tensor, ch: _Chunk
+) -> torch.Tensor:
+    """Region indicator ``s`` (nb, n) from the normalised entropy of the chunk."""
     entropy = _logsumexp(z, p) - (p * z).sum(dim=1)  # H = lse - sum_c p_c z_c, no log(0)
     u = entropy / math.log(p.shape[1])
     thr = spec.threshold.to(u.dtype)
     thr = thr[ch.b0 : ch.b1, None] if thr.ndim == 1 else thr
-    return spec(u, thr)
+    return spec.indicator(u, thr)
 
 
 def _chunk_inputs(
     prep: _Prepared, ch: _Chunk, spec: Optional[UncertaintyWeight]
-) -> tuple[torch.Tensor, torch.Tensor, _ChunkTarget]:
-    """``(z, p, target)`` of one chunk, the derived uncertainty weight folded into the weight."""
+) -> tuple[torch.Tensor, torch.Tensor, _ChunkTarget, Optional[torch.Tensor]]:
+    """``(z, p, target, s)`` of one chunk; a derived weight ``base + scale * s`` is folded into
+    the target's weight (``s`` is None without a derived weight)."""
     z, p = _softmax(prep.logits[ch.b0 : ch.b1, :, ch.s0 : ch.s1], prep.binary, prep.dtype)
     tgt = _chunk_target(prep, ch)
-    dw = _derived(spec, z, p, ch)
-    if dw is not None:
-        tgt = tgt._replace(weight=tgt.weight * dw)
-    return z, p, tgt
+    if spec is None:
+        return z, p, tgt, None
+    s = _indicator(spec, z, p, ch)
+    return z, p, tgt._replace(weight=tgt.weight * (spec.base + spec.scale * s)), s
 
 
 class _FusedRegionStats(torch.autograd.Function):
@@ -187,11 +191,14 @@ class _FusedRegionStats(torch.autograd.Function):
         bsz, channels, voxels = prep.logits.shape
         ce_num, ce_den = logits.new_zeros(bsz, dtype=dtype), logits.new_zeros(bsz, dtype=dtype)
         inter, pred, ground = (logits.new_zeros(bsz, k, dtype=dtype) for _ in range(3))
+        mass = logits.new_zeros(bsz, dtype=dtype)
         cw = None if class_weight is None else class_weight.to(dtype)
         for ch in _chunks(bsz, voxels, channels):
             b = slice(ch.b0, ch.b1)
-            z, p, tgt = _chunk_inputs(prep, ch, spec)
+            z, p, tgt, ind = _chunk_inputs(prep, ch, spec)
             w, lse = tgt.weight, _logsumexp(z, p)
+            if ind is not None:
+                mass[b] += ind.sum(-1)
             pk = p * p if squared else p
             pred[b] += torch.bmm(pk, w.unsqueeze(-1)).squeeze(-1)
             if tgt.labels is not None:
@@ -216,8 +223,8 @@ class _FusedRegionStats(torch.autograd.Function):
                 ground[b] += torch.bmm(gk, w.unsqueeze(-1)).squeeze(-1)
         ctx.save_for_backward(logits, class_weight)
         ctx.prep, ctx.squared, ctx.spec = prep, squared, spec
-        ctx.mark_non_differentiable(ce_den, ground)
-        return ce_num, ce_den, inter, pred, ground
+        ctx.mark_non_differentiable(ce_den, ground, mass)
+        return ce_num, ce_den, inter, pred, ground, mass
 
     @staticmethod
     def backward(
@@ -226,7 +233,8 @@ class _FusedRegionStats(torch.autograd.Function):
         _g_den: Any,
         g_inter: torch.Tensor,
         g_pred: torch.Tensor,
-        _g: Any,
+        _g_ground: Any,
+        _g_mass: Any,
     ) -> tuple[Optional[torch.Tensor], ...]:
         logits, class_weight = ctx.saved_tensors
         prep: _Prepared = ctx.prep
@@ -239,7 +247,7 @@ class _FusedRegionStats(torch.autograd.Function):
         grad = torch.empty_like(prep.logits)
         for ch in _chunks(bsz, voxels, channels):
             b = slice(ch.b0, ch.b1)
-            _, p, tgt = _chunk_inputs(prep, ch, ctx.spec)
+            _, p, tgt, _ = _chunk_inputs(prep, ch, ctx.spec)
             w = tgt.weight.unsqueeze(1)  # (nb, 1, n)
             gce = g_ce[b].view(-1, 1, 1)
             gi, gp = g_inter[b].unsqueeze(-1), g_pred[b].unsqueeze(-1)  # (nb, K, 1)
@@ -306,15 +314,19 @@ def fused_stats(
     region_weight: Optional[torch.Tensor],
     opts: _Options,
     derived_weight: Optional[UncertaintyWeight] = None,
-) -> RegionStats:
+) -> tuple[RegionStats, torch.Tensor]:
     """The statistics of :func:`~bual_losses.losses.reference_stats` in one autograd node.
 
     ``derived_weight`` multiplies the region weight by a weight computed from the normalised
     entropy of ``logits`` inside the node (no separate uncertainty map, no gradient through it).
     Inputs are validated by the public functions; this is the internal engine.
+
+    Returns:
+        ``(stats, mass)``: the statistics and, per sample ``(B,)``, the sum of the derived
+        region indicator ``s`` over the voxels (zeros without ``derived_weight``).
     """
     prep = _prepare(logits, target, region_weight, opts)
-    out = _FusedRegionStats.apply(
+    *stats, mass = _FusedRegionStats.apply(
         logits, prep, opts.class_weight, opts.squared_pred, derived_weight
     )
-    return RegionStats(*out)
+    return RegionStats(*stats), mass

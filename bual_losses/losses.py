@@ -89,6 +89,34 @@ class _Options(NamedTuple):
 # validation of one call (metadata always, values when validate=True)
 
 
+def check_options(
+    *,
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    eps: float = 1e-8,
+    impl: str = "auto",
+    lambda_ce: float = 1.0,
+    lambda_dice: float = 1.0,
+    reduction: str = "mean",
+    batch: bool = False,
+    **_tensor_options: Any,
+) -> None:
+    """The checks of the scalar options, shared by the functions (per call) and the modules
+    (at construction, so a bad configuration fails before the first batch)."""
+    V.require_nonnegative_number(smooth_nr, "smooth_nr")
+    V.require_nonnegative_number(smooth_dr, "smooth_dr")
+    V.require_nonnegative_number(eps, "eps", positive=True)
+    V.require_nonnegative_number(lambda_ce, "lambda_ce")
+    V.require_nonnegative_number(lambda_dice, "lambda_dice")
+    V.require_choice(impl, "impl", _IMPLS)
+    V.require_reduction(reduction)
+    if reduction == "none" and batch and lambda_dice != 0:
+        raise ValueError(
+            "`reduction='none'` gives one loss per sample and needs `batch=False`; "
+            "batch Dice has no per-sample value."
+        )
+
+
 def _parse(
     logits: Any,
     target: Any,
@@ -111,14 +139,11 @@ def _parse(
     kind = V.classify_target(target, logits)
     if region_weight is not None:
         V.require_region_weight(region_weight, logits)
-    V.require_choice(impl, "impl", _IMPLS)
+    check_options(smooth_nr=smooth_nr, smooth_dr=smooth_dr, eps=eps, impl=impl)
     num_classes = logits.shape[1]
     activation = V.resolve_activation(num_classes, softmax, sigmoid)
     cw = None if class_weight is None else V.require_class_weight(class_weight, num_classes, logits)
     ignore = V.require_ignore_index(ignore_index, kind)
-    V.require_nonnegative_number(smooth_nr, "smooth_nr")
-    V.require_nonnegative_number(smooth_dr, "smooth_dr")
-    V.require_nonnegative_number(eps, "eps", positive=True)
     if validate:
         # finiteness of the logits is checked on the statistics (see _stats): NaN or +Inf
         # logits always make them non-finite, and that costs O(B*C) instead of a pass over
@@ -305,7 +330,7 @@ def _stats(
     else:
         from .fused import fused_stats
 
-        stats = fused_stats(logits, target, region_weight, opts)
+        stats, _ = fused_stats(logits, target, region_weight, opts)
     if validate:
         V.check_values(
             torch.isfinite(stats.ce_num).all() & torch.isfinite(stats.pred).all(),
@@ -409,9 +434,7 @@ def region_ce_dice_loss(
         >>> loss.shape
         torch.Size([])
     """
-    reduction = V.require_reduction(reduction)
-    V.require_nonnegative_number(lambda_ce, "lambda_ce")
-    V.require_nonnegative_number(lambda_dice, "lambda_dice")
+    check_options(lambda_ce=lambda_ce, lambda_dice=lambda_dice, reduction=reduction, batch=batch)
     opts = _parse(
         logits,
         target,
@@ -429,11 +452,6 @@ def region_ce_dice_loss(
         impl=impl,
         validate=validate,
     )
-    if reduction == "none" and batch and lambda_dice != 0:
-        raise ValueError(
-            "`reduction='none'` gives one loss per sample and needs `batch=False`; "
-            "batch Dice has no per-sample value."
-        )
     stats = _stats(logits, target, region_weight, opts, _resolve_impl(impl), validate)
     return _finish(stats, opts, lambda_ce=lambda_ce, lambda_dice=lambda_dice, reduction=reduction)
 
@@ -561,7 +579,7 @@ def region_dice_loss(
         >>> region_dice_loss(logits, labels, **SSL4MIS_DICE).shape
         torch.Size([])
     """
-    reduction = V.require_reduction(reduction)
+    check_options(reduction=reduction)
     opts = _parse(
         logits,
         target,

@@ -1,0 +1,423 @@
+r"""The bidirectional uncertainty-aware loss: emphasis on labeled data, selection on unlabeled.
+
+.. math::
+
+    L = L_{ce+dice}\big(z_l, y;\ w_l\big) + \lambda(t)\, L_{ce+dice}\big(z_u, \hat y;\ w_u\big),
+    \qquad \hat y = \operatorname{argmax}_c\, p^{teacher}_c
+
+    w_l = 1 + \alpha\,[u_l > \tau_h(t)], \qquad
+    w_u = \beta + (1 - \beta)\,[u_u \le \tau_l(t)]
+
+(or the soft versions with a sigmoid of temperature ``T``). ``u`` is the normalised entropy of
+the teacher's prediction for unlabeled images and of the detached student prediction for labeled
+images, unless the caller passes teacher logits or an uncertainty map of its own (MC dropout,
+ensembles, any estimator of :mod:`bual_losses.uncertainty`).
+
+Defaults follow UA-MT / SSL4MIS conventions (the source paper's exact hyperparameters are not
+available): thresholds ``(0.75 + 0.25\,\text{sigmoid\_rampup}(t, T))`` of the maximum entropy,
+consistency weight ``0.1\,\text{sigmoid\_rampup}(t, T)``, ``T`` = ``total_steps``.
+"""
+
+from __future__ import annotations
+
+from numbers import Real
+from typing import Any, NamedTuple, Optional, Union, cast
+
+import torch
+
+from . import _validation as V
+from .fused import UncertaintyWeight, fused_stats
+from .losses import (
+    ClassWeight,
+    RegionStats,
+    _finish,
+    _Options,
+    _parse,
+    _resolve_impl,
+    _stats,
+    accumulation_dtype,
+)
+from .losses import check_options as check_loss_options
+from .regions import resolve_threshold
+from .schedules import (
+    Numeric,
+    RatioSchedule,
+    Schedule,
+    as_schedule,
+    rampup_schedule,
+    uamt_threshold_schedule,
+)
+from .uncertainty import entropy_map
+
+__all__ = ["BidirectionalParts", "bidirectional_loss", "check_bidirectional_options"]
+
+Threshold = Union[float, torch.Tensor, Schedule, RatioSchedule]
+
+#: SSL4MIS's maximum iterations, the default ramp length when ``total_steps`` is not given.
+DEFAULT_TOTAL_STEPS = 30000
+#: UA-MT / SSL4MIS consistency weight.
+DEFAULT_CONSISTENCY = 0.1
+
+
+class BidirectionalParts(NamedTuple):
+    """What :func:`bidirectional_loss` computed, as tensors (no host synchronisation).
+
+    Thresholds are 0-d, or ``(B,)`` for per-sample thresholds and ratios. Fractions are the
+    mean region indicator (soft weights with a temperature) over all voxels of the branch.
+    """
+
+    labeled_loss: torch.Tensor
+    unlabeled_loss: torch.Tensor
+    consistency_weight: torch.Tensor
+    high_threshold: torch.Tensor
+    low_threshold: torch.Tensor
+    labeled_high_fraction: torch.Tensor
+    unlabeled_low_fraction: torch.Tensor
+
+
+def _require_threshold_option(value: Any, name: str) -> None:
+    if value is None or isinstance(value, (torch.Tensor, RatioSchedule)) or callable(value):
+        return
+    if isinstance(value, Real) and not isinstance(value, bool):
+        V.require_nonnegative_number(float(value), name)
+        return
+    raise TypeError(
+        f"`{name}` must be a number, a tensor, a Schedule, a RatioSchedule or None, "
+        f"got {type(value).__name__}."
+    )
+
+
+def check_bidirectional_options(
+    *,
+    total_steps: int = DEFAULT_TOTAL_STEPS,
+    high_threshold: Optional[Threshold] = None,
+    low_threshold: Optional[Threshold] = None,
+    alpha: float = 1.0,
+    beta: float = 0.0,
+    temperature: Optional[float] = None,
+    consistency_weight: Union[float, Schedule, None] = None,
+    **loss_options: Any,
+) -> None:
+    """Checks of every scalar option of :func:`bidirectional_loss` (shared with the module)."""
+    known = set(_LOSS_OPTIONS)
+    unknown = sorted(set(loss_options) - known)
+    if unknown:
+        raise TypeError(f"bidirectional_loss got unknown options {unknown}.")
+    V.require_nonnegative_number(total_steps, "total_steps")
+    _require_threshold_option(high_threshold, "high_threshold")
+    _require_threshold_option(low_threshold, "low_threshold")
+    V.require_nonnegative_number(alpha, "alpha")
+    beta = V.require_nonnegative_number(beta, "beta")
+    if beta > 1:
+        raise ValueError(f"`beta` must lie in [0, 1], got {beta!r}.")
+    if temperature is not None:
+        V.require_nonnegative_number(temperature, "temperature", positive=True)
+    if consistency_weight is not None and not callable(consistency_weight):
+        V.require_nonnegative_number(consistency_weight, "consistency_weight")
+    check_loss_options(**loss_options)
+
+
+_LOSS_OPTIONS = (
+    "include_background",
+    "squared_pred",
+    "smooth_nr",
+    "smooth_dr",
+    "batch",
+    "lambda_ce",
+    "lambda_dice",
+    "ignore_index",
+    "eps",
+    "impl",
+    "validate",
+)
+
+
+def _check_logits_pair(
+    student: Optional[torch.Tensor], teacher: Optional[torch.Tensor], labeled: torch.Tensor
+) -> None:
+    if (student is None) != (teacher is None):
+        raise ValueError(
+            "`student_unlabeled_logits` and `teacher_unlabeled_logits` must both be tensors or "
+            f"both be None, got {type(student).__name__} and {type(teacher).__name__}."
+        )
+    if student is None or teacher is None:
+        return
+    V.require_logits(student, "student_unlabeled_logits")
+    V.require_logits(teacher, "teacher_unlabeled_logits")
+    if teacher.shape != student.shape:
+        raise ValueError(
+            "`teacher_unlabeled_logits` must have the shape of `student_unlabeled_logits` "
+            f"{V.shape_str(student.shape)}, got {V.shape_str(teacher.shape)}."
+        )
+    V.require_same_device(student, "student_unlabeled_logits", labeled, "student_labeled_logits")
+    V.require_same_device(teacher, "teacher_unlabeled_logits", labeled, "student_labeled_logits")
+    if student.shape[1] != labeled.shape[1] or student.ndim != labeled.ndim:
+        raise ValueError(
+            "`student_unlabeled_logits` must have (B_u, C, *S) with C and the spatial rank of "
+            f"`student_labeled_logits` {V.shape_str(labeled.shape)}, "
+            f"got {V.shape_str(student.shape)}."
+        )
+
+
+def _uncertainty_map(
+    given: Optional[torch.Tensor], logits: torch.Tensor, name: str, validate: bool
+) -> torch.Tensor:
+    """The caller's map (``(B, *S)`` / ``(B, 1, *S)``), else the normalised entropy of logits."""
+    if given is None:
+        with torch.no_grad():
+            u = entropy_map(logits.detach(), from_logits=True, normalize=True)
+        return cast(torch.Tensor, u)
+    u = V.require_floating(given, name).detach()
+    V.require_same_device(u, name, logits, "logits")
+    b, _, *spatial = logits.shape
+    if tuple(u.shape) == (b, 1, *spatial):
+        u = u[:, 0]
+    if tuple(u.shape) != (b, *spatial):
+        raise ValueError(
+            f"`{name}` must have shape (B, *S) = {V.shape_str((b, *spatial))} or (B, 1, *S) to "
+            f"match its logits {V.shape_str(logits.shape)}, got {V.shape_str(given.shape)}."
+        )
+    if validate:
+        V.check_finite(u, name)
+    return u
+
+
+def _flat_threshold(thr: torch.Tensor) -> torch.Tensor:
+    return thr.reshape(thr.shape[0]) if thr.ndim > 0 else thr
+
+
+def _branch(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    opts: _Options,
+    impl: str,
+    validate: bool,
+    *,
+    uncertainty: Optional[torch.Tensor],
+    threshold: Threshold,
+    step: Numeric,
+    side: str,
+    base: float,
+    scale: float,
+    temperature: Optional[float],
+) -> tuple[RegionStats, torch.Tensor, torch.Tensor]:
+    """Statistics of one branch, its threshold and its region fraction."""
+    in_node = impl == "fused" and uncertainty is None and not isinstance(threshold, RatioSchedule)
+    if in_node:
+        # The region weight comes from the entropy of these very logits: derive it inside the
+        # fused node from the softmax it computes anyway (no entropy map, no weight tensor).
+        # resolve_threshold only needs the batch size here, hence the empty (B, 1) map.
+        probe = logits.new_empty((logits.shape[0], 1), dtype=accumulation_dtype(logits.dtype))
+        thr = _flat_threshold(cast(torch.Tensor, resolve_threshold(probe, threshold, step=step)))
+        spec = UncertaintyWeight(thr, side=side, base=base, scale=scale, temperature=temperature)
+        stats, mass = fused_stats(logits, target, None, opts, derived_weight=spec)
+        if validate:
+            V.check_values(torch.isfinite(stats.pred).all(), "`logits` must be finite.")
+        voxels = logits[0, 0].numel() * logits.shape[0]
+        return stats, thr, mass.sum() / voxels
+    u = uncertainty
+    if u is None:
+        u = _uncertainty_map(None, logits, "uncertainty", validate)
+    thr_full = cast(torch.Tensor, resolve_threshold(u, threshold, step=step))
+    spec = UncertaintyWeight(thr_full, side=side, base=base, scale=scale, temperature=temperature)
+    s = spec.indicator(u, thr_full)
+    weight = spec.base + spec.scale * s
+    stats = _stats(logits, target, weight, opts, impl, validate)
+    return stats, _flat_threshold(thr_full), s.float().mean()
+
+
+def bidirectional_loss(
+    student_labeled_logits: torch.Tensor,
+    labels: torch.Tensor,
+    student_unlabeled_logits: Optional[torch.Tensor],
+    teacher_unlabeled_logits: Optional[torch.Tensor],
+    *,
+    step: Numeric,
+    total_steps: int = DEFAULT_TOTAL_STEPS,
+    teacher_labeled_logits: Optional[torch.Tensor] = None,
+    labeled_uncertainty: Optional[torch.Tensor] = None,
+    unlabeled_uncertainty: Optional[torch.Tensor] = None,
+    high_threshold: Optional[Threshold] = None,
+    low_threshold: Optional[Threshold] = None,
+    alpha: float = 1.0,
+    beta: float = 0.0,
+    temperature: Optional[float] = None,
+    consistency_weight: Union[float, Schedule, None] = None,
+    include_background: bool = True,
+    squared_pred: bool = False,
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    batch: bool = False,
+    lambda_ce: float = 1.0,
+    lambda_dice: float = 1.0,
+    class_weight: ClassWeight = None,
+    ignore_index: Optional[int] = None,
+    eps: float = 1e-8,
+    impl: str = "auto",
+    validate: bool = True,
+    return_parts: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, BidirectionalParts]]:
+    r"""Bidirectional uncertainty-aware region loss for one semi-supervised batch.
+
+    .. math::
+
+        L = L\big(z_l, y;\ 1 + \alpha\,[u_l > \tau_h(t)]\big)
+          + \lambda(t)\; L\big(z_u, \operatorname{argmax} p^{T}_u;\
+                               \beta + (1-\beta)\,[u_u \le \tau_l(t)]\big)
+
+    where ``L`` is :func:`~bual_losses.region_ce_dice_loss` (region-weighted CE + soft Dice) and
+    ``u`` the entropy divided by ``ln C`` (in ``[0, 1]``). With a ``temperature`` ``T`` the
+    indicators become ``sigmoid((u - tau) / T)`` and ``sigmoid((tau - u) / T)``. Teacher logits,
+    pseudo-labels and uncertainty maps never receive gradients.
+
+    Args:
+        student_labeled_logits: ``(B_l, C, *S)`` student logits of the labeled images.
+        labels: ``(B_l, *S)`` or ``(B_l, 1, *S)`` labels (or ``(B_l, C, *S)`` probabilities).
+        student_unlabeled_logits: ``(B_u, C, *S)`` student logits of the unlabeled images, or
+            ``None`` (with the teacher's) for a batch without unlabeled images.
+        teacher_unlabeled_logits: ``(B_u, C, *S)`` teacher (e.g. EMA) logits of the same images.
+        step: the training step (a number or a 0-d tensor) driving every schedule.
+        total_steps: length of the default threshold and consistency ramps (SSL4MIS: 30000).
+        teacher_labeled_logits: teacher logits of the labeled images; when given, the labeled
+            uncertainty comes from them instead of the detached student prediction.
+        labeled_uncertainty: ``(B_l, *S)`` map to use instead (e.g. an MC-dropout estimate);
+            its scale must match the thresholds (the default ones assume ``[0, 1]``).
+        unlabeled_uncertainty: ``(B_u, *S)`` map to use instead of the teacher's entropy.
+        high_threshold: ``tau_h``: number, tensor (0-d or ``(B_l,)``), Schedule, or
+            RatioSchedule (the top-``r`` fraction is high). Default: UA-MT's
+            ``uamt_threshold_schedule(total_steps)`` on normalised entropy.
+        low_threshold: ``tau_l``, same forms and default; with a RatioSchedule the top-``r``
+            fraction is discarded.
+        alpha: extra weight of high-uncertainty labeled voxels (``w_l = 1 + alpha``).
+        beta: weight kept by uncertain unlabeled voxels, in ``[0, 1]`` (0 discards them).
+        temperature: ``None`` for hard regions, else the sigmoid temperature of soft regions.
+        consistency_weight: ``lambda(t)``: a number or Schedule. Default
+            ``0.1 * sigmoid_rampup(step, total_steps)`` (UA-MT / SSL4MIS).
+        include_background: see :func:`~bual_losses.region_ce_dice_loss`.
+        squared_pred: see :func:`~bual_losses.region_ce_dice_loss`.
+        smooth_nr: see :func:`~bual_losses.region_ce_dice_loss`.
+        smooth_dr: see :func:`~bual_losses.region_ce_dice_loss`.
+        batch: see :func:`~bual_losses.region_ce_dice_loss`.
+        lambda_ce: see :func:`~bual_losses.region_ce_dice_loss`.
+        lambda_dice: see :func:`~bual_losses.region_ce_dice_loss`.
+        class_weight: see :func:`~bual_losses.region_ce_dice_loss` (both branches).
+        ignore_index: label value ignored in the labeled branch.
+        eps: see :func:`~bual_losses.region_ce_dice_loss`.
+        impl: see :func:`~bual_losses.region_ce_dice_loss`.
+        validate: value checks (labels, finiteness of logits and uncertainty maps).
+        return_parts: also return a :class:`BidirectionalParts` for logging.
+
+    Returns:
+        The scalar loss, or ``(loss, parts)`` with ``return_parts=True``.
+
+    Example:
+        >>> import torch
+        >>> from bual_losses import bidirectional_loss
+        >>> zl = torch.randn(2, 4, 32, 32, requires_grad=True)
+        >>> y = torch.randint(0, 4, (2, 32, 32))
+        >>> zu = torch.randn(3, 4, 32, 32, requires_grad=True)
+        >>> zt = torch.randn(3, 4, 32, 32)
+        >>> loss, parts = bidirectional_loss(zl, y, zu, zt, step=100, return_parts=True)
+        >>> loss.backward()
+        >>> parts.unlabeled_low_fraction.shape
+        torch.Size([])
+    """
+    loss_opts: dict[str, Any] = dict(
+        include_background=include_background,
+        squared_pred=squared_pred,
+        smooth_nr=smooth_nr,
+        smooth_dr=smooth_dr,
+        batch=batch,
+        lambda_ce=lambda_ce,
+        lambda_dice=lambda_dice,
+        ignore_index=ignore_index,
+        eps=eps,
+        impl=impl,
+        validate=validate,
+    )
+    check_bidirectional_options(
+        total_steps=total_steps,
+        high_threshold=high_threshold,
+        low_threshold=low_threshold,
+        alpha=alpha,
+        beta=beta,
+        temperature=temperature,
+        consistency_weight=consistency_weight,
+        **loss_opts,
+    )
+    if isinstance(step, bool) or not isinstance(step, (Real, torch.Tensor)):
+        raise TypeError(f"`step` must be a number or a tensor, got {type(step).__name__}.")
+    V.require_logits(student_labeled_logits, "student_labeled_logits")
+    _check_logits_pair(student_unlabeled_logits, teacher_unlabeled_logits, student_labeled_logits)
+    default_threshold = uamt_threshold_schedule(total_steps, base="normalized")
+    tau_h = default_threshold if high_threshold is None else high_threshold
+    tau_l = default_threshold if low_threshold is None else low_threshold
+    lam_schedule = (
+        rampup_schedule(DEFAULT_CONSISTENCY, total_steps)
+        if consistency_weight is None
+        else as_schedule(consistency_weight, name="consistency_weight")
+    )
+    engine = _resolve_impl(impl)
+    common: dict[str, Any] = dict(
+        include_background=include_background,
+        softmax=None,
+        sigmoid=None,
+        squared_pred=squared_pred,
+        smooth_nr=smooth_nr,
+        smooth_dr=smooth_dr,
+        batch=batch,
+        class_weight=class_weight,
+        eps=eps,
+        impl=impl,
+    )
+    finish: dict[str, Any] = dict(lambda_ce=lambda_ce, lambda_dice=lambda_dice, reduction="mean")
+
+    # labeled branch: high-uncertainty emphasis
+    zl = student_labeled_logits
+    opts_l = _parse(zl, labels, None, ignore_index=ignore_index, validate=validate, **common)
+    if labeled_uncertainty is None and teacher_labeled_logits is not None:
+        V.require_logits(teacher_labeled_logits, "teacher_labeled_logits")
+        if teacher_labeled_logits.shape != zl.shape:
+            raise ValueError(
+                "`teacher_labeled_logits` must have the shape of `student_labeled_logits` "
+                f"{V.shape_str(zl.shape)}, got {V.shape_str(teacher_labeled_logits.shape)}."
+            )
+        u_l: Optional[torch.Tensor] = _uncertainty_map(
+            None, teacher_labeled_logits, "teacher_labeled_logits", validate
+        )
+    elif labeled_uncertainty is not None:
+        u_l = _uncertainty_map(labeled_uncertainty, zl, "labeled_uncertainty", validate)
+    else:
+        u_l = None if engine == "fused" else _uncertainty_map(None, zl, "uncertainty", validate)
+    stats_l, thr_h, frac_h = _branch(
+        zl, labels, opts_l, engine, validate,
+        uncertainty=u_l, threshold=tau_h, step=step,
+        side="high", base=1.0, scale=float(alpha), temperature=temperature,
+    )  # fmt: skip
+    loss_l = _finish(stats_l, opts_l, **finish)
+
+    lam = lam_schedule(step)
+    lam_t = torch.as_tensor(lam, dtype=loss_l.dtype, device=loss_l.device)
+    if student_unlabeled_logits is None or teacher_unlabeled_logits is None:
+        zero = loss_l.new_zeros(())
+        parts = BidirectionalParts(loss_l, zero, lam_t, thr_h, zero, frac_h, zero)
+        return (loss_l, parts) if return_parts else loss_l
+
+    # unlabeled branch: low-uncertainty selection of the teacher's pseudo-label
+    zu, zt = student_unlabeled_logits, teacher_unlabeled_logits.detach()
+    with torch.no_grad():
+        pseudo = (zt[:, 0] > 0).long() if zt.shape[1] == 1 else zt.argmax(dim=1)
+    u_u = _uncertainty_map(unlabeled_uncertainty, zt, "unlabeled_uncertainty", validate)
+    if validate and unlabeled_uncertainty is None:
+        V.check_finite(u_u, "teacher_unlabeled_logits")
+    opts_u = _parse(zu, pseudo, None, ignore_index=None, validate=False, **common)
+    stats_u, thr_l, frac_l = _branch(
+        zu, pseudo, opts_u, engine, validate,
+        uncertainty=u_u, threshold=tau_l, step=step,
+        side="low", base=float(beta), scale=1.0 - float(beta), temperature=temperature,
+    )  # fmt: skip
+    loss_u = _finish(stats_u, opts_u, **finish)
+    loss = loss_l + lam_t * loss_u
+    if not return_parts:
+        return loss
+    return loss, BidirectionalParts(loss_l, loss_u, lam_t, thr_h, thr_l, frac_h, frac_l)
