@@ -77,6 +77,9 @@ class UncertaintyWeight(NamedTuple):
         return self.base + self.scale * self.indicator(u, threshold)
 
 
+_NO_TENSOR = torch.empty(0)
+
+
 class _Chunk(NamedTuple):
     b0: int
     b1: int
@@ -114,7 +117,9 @@ def _softmax(
     z: torch.Tensor, binary: bool, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(z_K, p)`` for a chunk ``z`` of shape (nb, C, n); binary logits become [0, z]."""
-    z = z.to(dtype)
+    # A chunk inside a sample is strided across classes; ATen's softmax over dim 1 is several
+    # times slower on such a view than a copy plus the contiguous kernel.
+    z = z.to(dtype).contiguous()
     if binary:
         z = torch.cat([torch.zeros_like(z), z], dim=1)
     return z, torch.softmax(z, dim=1)
@@ -126,9 +131,18 @@ def _logsumexp(z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 class _ChunkTarget(NamedTuple):
-    labels: Optional[torch.Tensor]  # (nb, 1, n) int64, ignored voxels mapped to class 0
-    probs: Optional[torch.Tensor]  # (nb, K, n)
+    probs: torch.Tensor  # (nb, K, n) target probabilities g (one-hot for labels)
     weight: torch.Tensor  # (nb, n): region weight x validity
+
+
+def _one_hot(labels: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """One-hot ``(nb, K, n)`` from labels ``(nb, n)`` as ``relu(1 - |y - c|)``.
+
+    Elementwise float arithmetic vectorises far better than an integer compare or a scatter,
+    and any label outside ``[0, K)`` (e.g. an ignore index) gets an all-zero row for free.
+    """
+    classes = torch.arange(k, dtype=dtype, device=labels.device).view(1, k, 1)
+    return (labels.to(dtype).unsqueeze(1) - classes).abs_().neg_().add_(1).clamp_(min=0)
 
 
 def _chunk_target(prep: _Prepared, ch: _Chunk) -> _ChunkTarget:
@@ -144,13 +158,11 @@ def _chunk_target(prep: _Prepared, ch: _Chunk) -> _ChunkTarget:
         g = prep.probs[b, :, s].to(prep.dtype)
         if prep.binary:
             g = torch.cat([1 - g, g], dim=1)
-        return _ChunkTarget(None, g, w)
+        return _ChunkTarget(g, w)
     y = prep.labels[b, s]
     if prep.ignore_index is not None:
-        valid = y != prep.ignore_index
-        w = w * valid
-        y = torch.where(valid, y, torch.zeros_like(y))
-    return _ChunkTarget(y.long().unsqueeze(1), None, w)
+        w = w * (y != prep.ignore_index)
+    return _ChunkTarget(_one_hot(y, prep.num_classes, prep.dtype), w)
 
 
 def _indicator(
@@ -182,11 +194,20 @@ class _FusedRegionStats(torch.autograd.Function):
     def forward(
         ctx: Any,
         logits: torch.Tensor,
-        prep: _Prepared,
+        target: torch.Tensor,
+        region_weight: Optional[torch.Tensor],
+        threshold: Optional[torch.Tensor],
         class_weight: Optional[torch.Tensor],
-        squared: bool,
+        opts: _Options,
         spec: Optional[UncertaintyWeight],
     ) -> tuple[torch.Tensor, ...]:
+        # Every tensor goes through save_for_backward (autograd's in-place checks apply) and
+        # the (B, C, N) views are rebuilt in backward, so no copy outlives the forward.
+        ctx.save_for_backward(logits, target, region_weight, threshold, class_weight)
+        ctx.opts, ctx.spec = opts, spec
+        prep = _prepare(logits, target, region_weight, opts)
+        spec = None if spec is None or threshold is None else spec._replace(threshold=threshold)
+        squared = opts.squared_pred
         dtype, k = prep.dtype, prep.num_classes
         bsz, channels, voxels = prep.logits.shape
         ce_num, ce_den = logits.new_zeros(bsz, dtype=dtype), logits.new_zeros(bsz, dtype=dtype)
@@ -196,33 +217,20 @@ class _FusedRegionStats(torch.autograd.Function):
         for ch in _chunks(bsz, voxels, channels):
             b = slice(ch.b0, ch.b1)
             z, p, tgt, ind = _chunk_inputs(prep, ch, spec)
-            w, lse = tgt.weight, _logsumexp(z, p)
+            g, w = tgt.probs, tgt.weight
             if ind is not None:
                 mass[b] += ind.sum(-1)
-            pk = p * p if squared else p
-            pred[b] += torch.bmm(pk, w.unsqueeze(-1)).squeeze(-1)
-            if tgt.labels is not None:
-                # one-hot targets: every class sum is a scatter over the label, no (K, n) one-hot
-                y = tgt.labels
-                wy = w if cw is None else w * cw[y[:, 0]]
-                ce_num[b] += (wy * (lse - z.gather(1, y)[:, 0])).sum(-1)
-                ce_den[b] += wy.sum(-1)
-                inter[b] += inter.new_zeros(y.shape[0], k).scatter_add_(
-                    1, y[:, 0], w * p.gather(1, y)[:, 0]
-                )
-                ground[b] += ground.new_zeros(y.shape[0], k).scatter_add_(1, y[:, 0], w)
-            else:
-                g = tgt.probs
-                assert g is not None
-                a = g if cw is None else g * cw.view(1, -1, 1)
-                a_sum = a.sum(1)
-                ce_num[b] += (w * (lse * a_sum - (a * z).sum(1))).sum(-1)
-                ce_den[b] += (w * a_sum).sum(-1)
-                inter[b] += torch.bmm(p * g, w.unsqueeze(-1)).squeeze(-1)
-                gk = g * g if squared else g
-                ground[b] += torch.bmm(gk, w.unsqueeze(-1)).squeeze(-1)
-        ctx.save_for_backward(logits, class_weight)
-        ctx.prep, ctx.squared, ctx.spec = prep, squared, spec
+            w_col = w.unsqueeze(-1)  # (nb, n, 1): sums over voxels as batched mat-vec products
+            wg = g * w.unsqueeze(1)  # (nb, K, n)
+            wg_sum = wg.sum(-1)
+            pred[b] += torch.bmm(p * p if squared else p, w_col).squeeze(-1)
+            inter[b] += torch.linalg.vecdot(p, wg)
+            ground[b] += torch.linalg.vecdot(g, wg) if squared else wg_sum
+            # sum_v w g_c (lse - z_c) per class, then class-weighted: the CE numerator
+            lse = _logsumexp(z, p).unsqueeze(-1)
+            ce_c = torch.bmm(wg, lse).squeeze(-1) - torch.linalg.vecdot(wg, z)
+            ce_num[b] += (ce_c if cw is None else ce_c * cw).sum(-1)
+            ce_den[b] += (wg_sum if cw is None else wg_sum * cw).sum(-1)
         ctx.mark_non_differentiable(ce_den, ground, mass)
         return ce_num, ce_den, inter, pred, ground, mass
 
@@ -236,42 +244,44 @@ class _FusedRegionStats(torch.autograd.Function):
         _g_ground: Any,
         _g_mass: Any,
     ) -> tuple[Optional[torch.Tensor], ...]:
-        logits, class_weight = ctx.saved_tensors
-        prep: _Prepared = ctx.prep
+        logits, target, region_weight, threshold, class_weight = ctx.saved_tensors
+        prep = _prepare(logits, target, region_weight, ctx.opts)
+        spec = (
+            None
+            if ctx.spec is None or threshold is None
+            else ctx.spec._replace(threshold=threshold)
+        )
+        squared = ctx.opts.squared_pred
         dtype = prep.dtype
         bsz, channels, voxels = prep.logits.shape
         g_ce, g_inter, g_pred = (t.to(dtype) for t in (g_ce, g_inter, g_pred))
-        if ctx.squared:
+        if squared:
             g_pred = 2 * g_pred  # d(p^2)/dp = 2p
         cw = None if class_weight is None else class_weight.to(dtype)
         grad = torch.empty_like(prep.logits)
         for ch in _chunks(bsz, voxels, channels):
             b = slice(ch.b0, ch.b1)
-            _, p, tgt, _ = _chunk_inputs(prep, ch, ctx.spec)
-            w = tgt.weight.unsqueeze(1)  # (nb, 1, n)
+            _, p, tgt, _ = _chunk_inputs(prep, ch, spec)
+            g, w = tgt.probs, tgt.weight
             gce = g_ce[b].view(-1, 1, 1)
             gi, gp = g_inter[b].unsqueeze(-1), g_pred[b].unsqueeze(-1)  # (nb, K, 1)
-            # dL/dp_c per unit weight: h_c = gi_c g_c + gp_c p_c^(k-1); with it
-            # dz = w [gce (A p - a) + p (h - sum_c p_c h_c)]   (a = class-weighted target)
-            pk1 = p if ctx.squared else None
-            if tgt.labels is not None:
-                y = tgt.labels
-                a_y = gce if cw is None else gce * cw[y]  # (nb, 1, n) or (nb, 1, 1)
-                gi_p_y = gi[:, :, 0].gather(1, y[:, 0]).unsqueeze(1) * p.gather(1, y)
-                hp = gp * pk1 if pk1 is not None else gp
-                s = gi_p_y + torch.bmm(gp.transpose(1, 2), p * pk1 if pk1 is not None else p)
-                # dz = p * (hp + a_y - s) + onehot_y * (gi_y p_y - a_y), all times w
-                dz = p * ((hp + (a_y - s)) * w)
-                dz.scatter_add_(1, y, (gi_p_y - a_y) * w)
-            else:
-                g = tgt.probs
-                assert g is not None
-                a = g if cw is None else g * cw.view(1, -1, 1)
-                h = gi * g + (gp * pk1 if pk1 is not None else gp)
-                s = (p * h).sum(1, keepdim=True)
-                dz = (p * (h - s + gce * a.sum(1, keepdim=True)) - gce * a) * w
-            grad[b, :, ch.s0 : ch.s1] = dz[:, 1:] if prep.binary else dz
-        return grad.view_as(logits), None, None, None, None
+            # With h_c = dL/dp_c per unit weight = gi_c g_c + gp_c p_c^(k-1), a = class-weighted
+            # target and A = sum_c a_c, the softmax chain rule gives
+            #   dz = w [p (h - sum_c p_c h_c + gce A) - gce a]
+            #      = w [p t + gp p^k + gi (p g) - gce a],   t = gce A - sum_c p_c h_c.
+            # Built from in-place multiply-adds on (nb, K, n) and mat-vec products for the
+            # class sums: no (K, n) temporaries beyond p, g and p g.
+            pk = p * p if squared else p
+            pg = p * g
+            gi_t, gp_t = gi.transpose(1, 2), gp.transpose(1, 2)  # (nb, 1, K)
+            weights = torch.ones_like(gi_t) if cw is None else cw.view(1, 1, -1).expand_as(gi_t)
+            t = gce * torch.bmm(weights, g) - torch.bmm(gi_t, pg) - torch.bmm(gp_t, pk)
+            dz = p * t
+            dz.addcmul_(pk, gp).addcmul_(pg, gi)
+            dz.addcmul_(g, gce if cw is None else gce * cw.view(1, -1, 1), value=-1)
+            out = grad[b, :, ch.s0 : ch.s1]
+            torch.mul(dz[:, 1:] if prep.binary else dz, w.unsqueeze(1), out=out)
+        return grad.view_as(logits), None, None, None, None, None, None
 
 
 def _prepare(
@@ -325,8 +335,15 @@ def fused_stats(
         ``(stats, mass)``: the statistics and, per sample ``(B,)``, the sum of the derived
         region indicator ``s`` over the voxels (zeros without ``derived_weight``).
     """
-    prep = _prepare(logits, target, region_weight, opts)
+    threshold = None if derived_weight is None else derived_weight.threshold
     *stats, mass = _FusedRegionStats.apply(
-        logits, prep, opts.class_weight, opts.squared_pred, derived_weight
+        logits,
+        target,
+        region_weight,
+        threshold,
+        opts.class_weight,
+        opts._replace(class_weight=None),
+        # the threshold travels as a tensor argument (saved for backward), not inside the spec
+        None if derived_weight is None else derived_weight._replace(threshold=_NO_TENSOR),
     )
     return RegionStats(*stats), mass
