@@ -21,11 +21,12 @@ consistency weight ``0.1\,\text{sigmoid\_rampup}(t, T)``, ``T`` = ``total_steps`
 from __future__ import annotations
 
 from numbers import Real
-from typing import Any, NamedTuple, Optional, Union, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union, cast
 
 import torch
 
 from . import _validation as V
+from .distributed import SyncDist, global_mean, resolve_group
 from .fused import UncertaintyWeight, fused_stats
 from .losses import (
     ClassWeight,
@@ -36,6 +37,7 @@ from .losses import (
     _resolve_impl,
     _stats,
     accumulation_dtype,
+    check_finite_stats,
 )
 from .losses import check_options as check_loss_options
 from .regions import resolve_threshold
@@ -48,6 +50,9 @@ from .schedules import (
     uamt_threshold_schedule,
 )
 from .uncertainty import entropy_map
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["BidirectionalParts", "bidirectional_loss", "check_bidirectional_options"]
 
@@ -64,6 +69,8 @@ class BidirectionalParts(NamedTuple):
 
     Thresholds are 0-d, or ``(B,)`` for per-sample thresholds and ratios. Fractions are the
     mean region indicator (soft weights with a temperature) over all voxels of the branch.
+    With ``sync_dist`` the losses, the fractions and batch ratio thresholds are those of the
+    global batch (identical on every rank); per-sample thresholds stay per rank.
     """
 
     labeled_loss: torch.Tensor
@@ -79,7 +86,8 @@ def _require_threshold_option(value: Any, name: str) -> None:
     if value is None or isinstance(value, (torch.Tensor, RatioSchedule)) or callable(value):
         return
     if isinstance(value, Real) and not isinstance(value, bool):
-        V.require_nonnegative_number(float(value), name)
+        if value != value:
+            raise ValueError(f"`{name}` must not be NaN (+-inf are allowed), got nan.")
         return
     raise TypeError(
         f"`{name}` must be a number, a tensor, a Schedule, a RatioSchedule or None, "
@@ -129,6 +137,7 @@ _LOSS_OPTIONS = (
     "eps",
     "impl",
     "validate",
+    "sync_dist",
 )
 
 
@@ -165,8 +174,10 @@ def _uncertainty_map(
     """The caller's map (``(B, *S)`` / ``(B, 1, *S)``), else the normalised entropy of logits."""
     if given is None:
         with torch.no_grad():
-            u = entropy_map(logits.detach(), from_logits=True, normalize=True)
-        return cast(torch.Tensor, u)
+            u = cast(torch.Tensor, entropy_map(logits.detach(), from_logits=True, normalize=True))
+        if validate:
+            V.check_finite(u, name)
+        return u
     u = V.require_floating(given, name).detach()
     V.require_same_device(u, name, logits, "logits")
     b, _, *spatial = logits.shape
@@ -200,30 +211,34 @@ def _branch(
     base: float,
     scale: float,
     temperature: Optional[float],
+    group: Optional[ProcessGroup] = None,
 ) -> tuple[RegionStats, torch.Tensor, torch.Tensor]:
     """Statistics of one branch, its threshold and its region fraction."""
     in_node = impl == "fused" and uncertainty is None and not isinstance(threshold, RatioSchedule)
     if in_node:
         # The region weight comes from the entropy of these very logits: derive it inside the
         # fused node from the softmax it computes anyway (no entropy map, no weight tensor).
-        # resolve_threshold only needs the batch size here, hence the empty (B, 1) map.
-        probe = logits.new_empty((logits.shape[0], 1), dtype=accumulation_dtype(logits.dtype))
+        # resolve_threshold reads only the shape of the map for these thresholds: a (B, *S)
+        # broadcast of one element stands in for it (no memory, the true shapes in messages).
+        b, _, *spatial = logits.shape
+        probe = logits.new_zeros((), dtype=accumulation_dtype(logits.dtype)).expand(b, *spatial)
         thr = _flat_threshold(cast(torch.Tensor, resolve_threshold(probe, threshold, step=step)))
         spec = UncertaintyWeight(thr, side=side, base=base, scale=scale, temperature=temperature)
         stats, mass = fused_stats(logits, target, None, opts, derived_weight=spec)
         if validate:
-            V.check_values(torch.isfinite(stats.pred).all(), "`logits` must be finite.")
-        voxels = logits[0, 0].numel() * logits.shape[0]
-        return stats, thr, mass.sum() / voxels
+            check_finite_stats(stats)
+        return stats, thr, global_mean(mass.sum(), probe.numel(), group)
     u = uncertainty
     if u is None:
         u = _uncertainty_map(None, logits, "uncertainty", validate)
-    thr_full = cast(torch.Tensor, resolve_threshold(u, threshold, step=step))
+    thr_full = cast(torch.Tensor, resolve_threshold(u, threshold, step=step, sync_dist=group))
     spec = UncertaintyWeight(thr_full, side=side, base=base, scale=scale, temperature=temperature)
     s = spec.indicator(u, thr_full)
     weight = spec.base + spec.scale * s
     stats = _stats(logits, target, weight, opts, impl, validate)
-    return stats, _flat_threshold(thr_full), s.float().mean()
+    # fractions in the accumulation dtype of the logits, as the fused path's mass
+    s_sum = s.to(accumulation_dtype(logits.dtype)).sum()
+    return stats, _flat_threshold(thr_full), global_mean(s_sum, s.numel(), group)
 
 
 def bidirectional_loss(
@@ -256,6 +271,7 @@ def bidirectional_loss(
     impl: str = "auto",
     validate: bool = True,
     return_parts: bool = False,
+    sync_dist: SyncDist = False,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, BidirectionalParts]]:
     r"""Bidirectional uncertainty-aware region loss for one semi-supervised batch.
 
@@ -306,6 +322,12 @@ def bidirectional_loss(
         impl: see :func:`~bual_losses.region_ce_dice_loss`.
         validate: value checks (labels, finiteness of logits and uncertainty maps).
         return_parts: also return a :class:`BidirectionalParts` for logging.
+        sync_dist: ``False`` (default), ``True`` (the default ``torch.distributed`` process
+            group) or a ``ProcessGroup``: both branch losses are finished on the statistics of
+            all ranks (see :func:`~bual_losses.region_ce_dice_loss`), ratio thresholds with
+            ``per_sample=False`` are computed over all ranks' maps and the region fractions
+            are global, so every rank computes the loss of the concatenated batch. Every rank
+            must pass unlabeled logits, or none must.
 
     Returns:
         The scalar loss, or ``(loss, parts)`` with ``return_parts=True``.
@@ -334,6 +356,7 @@ def bidirectional_loss(
         eps=eps,
         impl=impl,
         validate=validate,
+        sync_dist=sync_dist,
     )
     check_bidirectional_options(
         total_steps=total_steps,
@@ -347,6 +370,7 @@ def bidirectional_loss(
     )
     if isinstance(step, bool) or not isinstance(step, (Real, torch.Tensor)):
         raise TypeError(f"`step` must be a number or a tensor, got {type(step).__name__}.")
+    group = resolve_group(sync_dist)
     V.require_logits(student_labeled_logits, "student_labeled_logits")
     _check_logits_pair(student_unlabeled_logits, teacher_unlabeled_logits, student_labeled_logits)
     default_threshold = uamt_threshold_schedule(total_steps, base="normalized")
@@ -370,12 +394,19 @@ def bidirectional_loss(
         eps=eps,
         impl=impl,
     )
-    finish: dict[str, Any] = dict(lambda_ce=lambda_ce, lambda_dice=lambda_dice, reduction="mean")
+    finish: dict[str, Any] = dict(
+        lambda_ce=lambda_ce, lambda_dice=lambda_dice, reduction="mean", group=group
+    )
 
     # labeled branch: high-uncertainty emphasis
     zl = student_labeled_logits
     opts_l = _parse(zl, labels, None, ignore_index=ignore_index, validate=validate, **common)
-    if labeled_uncertainty is None and teacher_labeled_logits is not None:
+    if labeled_uncertainty is not None and teacher_labeled_logits is not None:
+        raise ValueError(
+            "Pass at most one of `labeled_uncertainty` and `teacher_labeled_logits`: both set "
+            "the labeled branch's uncertainty."
+        )
+    if teacher_labeled_logits is not None:
         V.require_logits(teacher_labeled_logits, "teacher_labeled_logits")
         if teacher_labeled_logits.shape != zl.shape:
             raise ValueError(
@@ -392,11 +423,13 @@ def bidirectional_loss(
     stats_l, thr_h, frac_h = _branch(
         zl, labels, opts_l, engine, validate,
         uncertainty=u_l, threshold=tau_h, step=step,
-        side="high", base=1.0, scale=float(alpha), temperature=temperature,
+        side="high", base=1.0, scale=float(alpha), temperature=temperature, group=group,
     )  # fmt: skip
     loss_l = _finish(stats_l, opts_l, **finish)
 
-    lam = lam_schedule(step)
+    # a constant weight stays a Python number: evaluated at a tensor step it would be rounded
+    # to the step's float dtype
+    lam = consistency_weight if isinstance(consistency_weight, Real) else lam_schedule(step)
     lam_t = torch.as_tensor(lam, dtype=loss_l.dtype, device=loss_l.device)
     if student_unlabeled_logits is None or teacher_unlabeled_logits is None:
         zero = loss_l.new_zeros(())
@@ -407,14 +440,16 @@ def bidirectional_loss(
     zu, zt = student_unlabeled_logits, teacher_unlabeled_logits.detach()
     with torch.no_grad():
         pseudo = (zt[:, 0] > 0).long() if zt.shape[1] == 1 else zt.argmax(dim=1)
-    u_u = _uncertainty_map(unlabeled_uncertainty, zt, "unlabeled_uncertainty", validate)
-    if validate and unlabeled_uncertainty is None:
-        V.check_finite(u_u, "teacher_unlabeled_logits")
+    u_name = (
+        "teacher_unlabeled_logits" if unlabeled_uncertainty is None else "unlabeled_uncertainty"
+    )
+    u_u = _uncertainty_map(unlabeled_uncertainty, zt, u_name, validate)
     opts_u = _parse(zu, pseudo, None, ignore_index=None, validate=False, **common)
     stats_u, thr_l, frac_l = _branch(
         zu, pseudo, opts_u, engine, validate,
         uncertainty=u_u, threshold=tau_l, step=step,
         side="low", base=float(beta), scale=1.0 - float(beta), temperature=temperature,
+        group=group,
     )  # fmt: skip
     loss_u = _finish(stats_u, opts_u, **finish)
     loss = loss_l + lam_t * loss_u

@@ -27,12 +27,16 @@ same thing on both paths.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from . import _validation as V
+from .distributed import SyncDist, all_reduce_sum, check_sync_dist, resolve_group
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = [
     "SSL4MIS_DICE",
@@ -99,10 +103,12 @@ def check_options(
     lambda_dice: float = 1.0,
     reduction: str = "mean",
     batch: bool = False,
+    sync_dist: Any = False,
     **_tensor_options: Any,
 ) -> None:
     """The checks of the scalar options, shared by the functions (per call) and the modules
     (at construction, so a bad configuration fails before the first batch)."""
+    check_sync_dist(sync_dist)
     V.require_nonnegative_number(smooth_nr, "smooth_nr")
     V.require_nonnegative_number(smooth_dr, "smooth_dr")
     V.require_nonnegative_number(eps, "eps", positive=True)
@@ -240,7 +246,8 @@ def reference_stats(
     spatial = tuple(range(2, logits.ndim))
     power = 2 if opts.squared_pred else 1
     return RegionStats(
-        ce_num=-(wg_ce * logp).sum(dim=(1, *spatial)),
+        # where(): a -inf logit at a class the target does not hold must give 0, not 0 * -inf
+        ce_num=-torch.where(wg_ce != 0, wg_ce * logp, 0.0).sum(dim=(1, *spatial)),
         ce_den=wg_ce.sum(dim=(1, *spatial)),
         inter=(wg * p).sum(dim=spatial),
         pred=(w * p.pow(power)).sum(dim=spatial),
@@ -304,16 +311,56 @@ def _finish(
     lambda_ce: float,
     lambda_dice: float,
     reduction: str,
+    group: Optional[ProcessGroup] = None,
 ) -> torch.Tensor:
-    if reduction == "none":
+    if reduction == "none":  # per sample, hence per rank: nothing to synchronise
         ce = _ce_from_stats(stats, "none", opts.eps)
         dice = _dice_terms(stats, opts).mean(-1) if lambda_dice != 0 else torch.zeros_like(ce)
         return lambda_ce * ce + lambda_dice * dice
+    if group is not None:
+        return _finish_global(stats, opts, lambda_ce, lambda_dice, reduction, group)
     out = stats.ce_num.new_zeros(())
     if lambda_ce != 0:
         out = out + lambda_ce * _ce_from_stats(stats, reduction, opts.eps)
     if lambda_dice != 0:
         out = out + lambda_dice * _dice_from_stats(stats, opts, reduction)
+    return out
+
+
+def _finish_global(
+    stats: RegionStats,
+    opts: _Options,
+    lambda_ce: float,
+    lambda_dice: float,
+    reduction: str,
+    group: ProcessGroup,
+) -> torch.Tensor:
+    """``_finish`` ("mean" / "sum") over the batches of all ranks of ``group``.
+
+    The sums the loss needs (CE numerator and normaliser; the class sums of batch Dice, or the
+    sum and the number of the per-sample Dice terms) are packed into one vector and summed over
+    the ranks by one differentiable all-reduce, so the value is the single-process loss on the
+    concatenated batch and each rank's gradient is ``R`` times its single-process slice.
+    """
+    dice_batch = opts.batch and lambda_dice != 0
+    sums = [stats.ce_num.sum().reshape(1), stats.ce_den.sum().reshape(1)]
+    if dice_batch:
+        sums += [stats.inter.sum(0), stats.pred.sum(0), stats.ground.sum(0)]
+    elif lambda_dice != 0:
+        terms = _dice_terms(stats, opts)
+        sums += [terms.sum().reshape(1), terms.new_full((1,), float(terms.numel()))]
+    flat = all_reduce_sum(torch.cat(sums), group)
+    out = stats.ce_num.new_zeros(())
+    if lambda_ce != 0:
+        ce = flat[0] if reduction == "sum" else flat[0] / (flat[1] + opts.eps)
+        out = out + lambda_ce * ce
+    if dice_batch:
+        # the global class sums as a batch of one: finished by the single-process code
+        inter, pred, ground = flat[2:].view(3, 1, -1).unbind(0)
+        glob = stats._replace(inter=inter, pred=pred, ground=ground)
+        out = out + lambda_dice * _dice_from_stats(glob, opts, reduction)
+    elif lambda_dice != 0:
+        out = out + lambda_dice * (flat[2] if reduction == "sum" else flat[2] / flat[3])
     return out
 
 
@@ -332,12 +379,18 @@ def _stats(
 
         stats, _ = fused_stats(logits, target, region_weight, opts)
     if validate:
-        V.check_values(
-            torch.isfinite(stats.ce_num).all() & torch.isfinite(stats.pred).all(),
-            "`logits` must be finite: the loss statistics are NaN/Inf, so `logits` contain NaN "
-            "or +Inf (or -Inf at a target class).",
-        )
+        check_finite_stats(stats)
     return stats
+
+
+def check_finite_stats(stats: RegionStats, name: str = "logits") -> None:
+    """Finiteness of the logits, checked on the O(B*C) statistics: NaN or +Inf logits always make
+    them non-finite, and so does -Inf at a class the target holds."""
+    V.check_values(
+        torch.isfinite(stats.ce_num).all() & torch.isfinite(stats.pred).all(),
+        f"`{name}` must be finite: the loss statistics are NaN/Inf, so `{name}` contain NaN "
+        "or +Inf (or -Inf at a target class).",
+    )
 
 
 _DEFAULT_IMPL = "fused"
@@ -371,6 +424,7 @@ def region_ce_dice_loss(
     eps: float = 1e-8,
     impl: str = "auto",
     validate: bool = True,
+    sync_dist: SyncDist = False,
 ) -> torch.Tensor:
     r"""Region-weighted cross-entropy plus soft Dice, from logits.
 
@@ -419,6 +473,12 @@ def region_ce_dice_loss(
         impl: ``"fused"`` (one memory-light autograd node, :mod:`bual_losses.fused`),
             ``"reference"`` (plain eager ops) or ``"auto"`` (the default implementation).
         validate: run the value checks (label range, finite logits, non-negative weights).
+        sync_dist: ``False`` (default: this process's batch only, no collective), ``True`` (the
+            default ``torch.distributed`` process group) or a ``ProcessGroup``: the CE
+            normaliser, the batch-Dice class sums and the mean over per-sample Dice terms are
+            summed over the ranks (differentiably), so every rank gets the loss of the
+            concatenated batch; see :mod:`bual_losses.distributed`. ``reduction="none"`` stays
+            per rank.
 
     Returns:
         A scalar tensor (``(B,)`` for ``reduction="none"``), float32 for half-precision logits.
@@ -434,7 +494,14 @@ def region_ce_dice_loss(
         >>> loss.shape
         torch.Size([])
     """
-    check_options(lambda_ce=lambda_ce, lambda_dice=lambda_dice, reduction=reduction, batch=batch)
+    check_options(
+        lambda_ce=lambda_ce,
+        lambda_dice=lambda_dice,
+        reduction=reduction,
+        batch=batch,
+        sync_dist=sync_dist,
+    )
+    group = resolve_group(sync_dist)
     opts = _parse(
         logits,
         target,
@@ -453,7 +520,14 @@ def region_ce_dice_loss(
         validate=validate,
     )
     stats = _stats(logits, target, region_weight, opts, _resolve_impl(impl), validate)
-    return _finish(stats, opts, lambda_ce=lambda_ce, lambda_dice=lambda_dice, reduction=reduction)
+    return _finish(
+        stats,
+        opts,
+        lambda_ce=lambda_ce,
+        lambda_dice=lambda_dice,
+        reduction=reduction,
+        group=group,
+    )
 
 
 def region_ce_loss(
@@ -469,6 +543,7 @@ def region_ce_loss(
     eps: float = 1e-8,
     impl: str = "auto",
     validate: bool = True,
+    sync_dist: SyncDist = False,
 ) -> torch.Tensor:
     r"""Region-weighted cross-entropy: :math:`\sum_v w_v\,ce_v / (\sum_v w_v + \epsilon)`.
 
@@ -489,6 +564,8 @@ def region_ce_loss(
         eps: see :func:`region_ce_dice_loss`.
         impl: see :func:`region_ce_dice_loss`.
         validate: see :func:`region_ce_dice_loss`.
+        sync_dist: normalise by the weight of all ranks' batches (see
+            :func:`region_ce_dice_loss`).
 
     Returns:
         A scalar tensor, or ``(B,)`` for ``reduction="none"``.
@@ -515,6 +592,7 @@ def region_ce_loss(
         eps=eps,
         impl=impl,
         validate=validate,
+        sync_dist=sync_dist,
     )
 
 
@@ -535,6 +613,7 @@ def region_dice_loss(
     ignore_index: Optional[int] = None,
     impl: str = "auto",
     validate: bool = True,
+    sync_dist: SyncDist = False,
 ) -> torch.Tensor:
     r"""Region-weighted soft Dice loss per class.
 
@@ -565,6 +644,8 @@ def region_dice_loss(
         ignore_index: label value excluded from the sums.
         impl: see :func:`region_ce_dice_loss`.
         validate: see :func:`region_ce_dice_loss`.
+        sync_dist: batch-Dice class sums / the mean over samples over all ranks (see
+            :func:`region_ce_dice_loss`); ``reduction="none"`` stays per rank.
 
     Returns:
         A scalar tensor, or the per-class terms for ``reduction="none"``.
@@ -579,7 +660,8 @@ def region_dice_loss(
         >>> region_dice_loss(logits, labels, **SSL4MIS_DICE).shape
         torch.Size([])
     """
-    check_options(reduction=reduction)
+    check_options(reduction=reduction, sync_dist=sync_dist)
+    group = resolve_group(sync_dist)
     opts = _parse(
         logits,
         target,
@@ -598,4 +680,8 @@ def region_dice_loss(
         validate=validate,
     )
     stats = _stats(logits, target, region_weight, opts, _resolve_impl(impl), validate)
+    if group is not None and reduction != "none":
+        return _finish(
+            stats, opts, lambda_ce=0.0, lambda_dice=1.0, reduction=reduction, group=group
+        )
     return _dice_from_stats(stats, opts, reduction)

@@ -16,6 +16,11 @@ The threshold may be a number, a 0-d tensor, one value per sample (shape ``(B,)`
 [`RatioSchedule`][bual_losses.schedules.RatioSchedule] that picks the top fraction of voxels;
 [`resolve_threshold`][bual_losses.regions.resolve_threshold] turns each into a tensor.
 
+Under data parallelism, ``sync_dist=True`` (or a process group) makes ratio thresholds over the
+batch (``per_sample=False``) and region fractions global: computed over the maps of all ranks,
+as one process would on the concatenated batch (see [`bual_losses.distributed`][]).
+Per-sample thresholds and fractions need no synchronisation.
+
 Every function here is branch-free tensor code: no host synchronisation (value checks go
 through ``bual_losses._validation`` and are skipped under ``torch.compile``), device and dtype
 follow the uncertainty map (the threshold is compared in the map's dtype), and a NumPy array in
@@ -25,7 +30,7 @@ gives a NumPy array out.
 from __future__ import annotations
 
 from numbers import Real
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
@@ -40,7 +45,11 @@ from bual_losses._validation import (
     require_tensor,
     shape_str,
 )
+from bual_losses.distributed import SyncDist, all_gather_variable, global_mean, resolve_group
 from bual_losses.schedules import Numeric, RatioSchedule, Schedule
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = [
     "Threshold",
@@ -95,10 +104,15 @@ def _threshold_from_tensor(u: torch.Tensor, threshold: torch.Tensor) -> torch.Te
     )
 
 
-def _resolve(u: torch.Tensor, threshold: Any, step: Optional[Numeric]) -> torch.Tensor:
+def _resolve(
+    u: torch.Tensor,
+    threshold: Any,
+    step: Optional[Numeric],
+    group: Optional[ProcessGroup] = None,
+) -> torch.Tensor:
     if isinstance(threshold, RatioSchedule):
         ratio = threshold(_require_step(step, "a RatioSchedule"))
-        return _ratio_threshold(u, ratio, per_sample=threshold.per_sample)
+        return _ratio_threshold(u, ratio, per_sample=threshold.per_sample, group=group)
     if isinstance(threshold, torch.Tensor):
         return _threshold_from_tensor(u, threshold)
     if isinstance(threshold, Real) and not isinstance(threshold, bool):
@@ -133,7 +147,9 @@ def _ratio_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _ratio_threshold(u: torch.Tensor, ratio: Any, *, per_sample: bool) -> torch.Tensor:
+def _ratio_threshold(
+    u: torch.Tensor, ratio: Any, *, per_sample: bool, group: Optional[ProcessGroup] = None
+) -> torch.Tensor:
     rows = u.shape[0] if per_sample else 1
     flat = u.reshape(rows, -1)
     n = flat.shape[1]
@@ -151,6 +167,10 @@ def _ratio_threshold(u: torch.Tensor, ratio: Any, *, per_sample: bool) -> torch.
         r = torch.full((), float(ratio), dtype=dtype, device=u.device)
     else:
         raise TypeError(f"`ratio` must be a number or a 0-d tensor, got {type(ratio).__name__}.")
+    if group is not None and not per_sample:
+        # Exact over the global batch: the maps of all ranks (sizes may differ), concatenated.
+        flat = torch.cat(all_gather_variable(flat.reshape(-1), group)).reshape(1, -1)
+        n = flat.shape[1]
     k = torch.round(r * n).to(torch.long)
     ordered = torch.sort(flat, dim=1, descending=True).values
     # Column k of the descending order padded with -inf is the largest value not selected:
@@ -165,8 +185,14 @@ def _check(u: torch.Tensor, thr: torch.Tensor) -> None:
     check_values(~torch.isnan(thr).any(), "`threshold` must not be NaN; it contains NaN.")
 
 
-def _high(u: torch.Tensor, threshold: Any, step: Optional[Numeric], validate: bool) -> torch.Tensor:
-    thr = _resolve(u, threshold, step)
+def _high(
+    u: torch.Tensor,
+    threshold: Any,
+    step: Optional[Numeric],
+    validate: bool,
+    sync_dist: SyncDist = False,
+) -> torch.Tensor:
+    thr = _resolve(u, threshold, step, resolve_group(sync_dist))
     if validate:
         _check(u, thr)
     return u > thr
@@ -178,7 +204,11 @@ def _high(u: torch.Tensor, threshold: Any, step: Optional[Numeric], validate: bo
 
 @numpy_compatible("uncertainty", "threshold")
 def resolve_threshold(
-    uncertainty: ArrayLike, threshold: Threshold, *, step: Optional[Numeric] = None
+    uncertainty: ArrayLike,
+    threshold: Threshold,
+    *,
+    step: Optional[Numeric] = None,
+    sync_dist: SyncDist = False,
 ) -> ArrayLike:
     r"""Turn any accepted ``threshold`` into a tensor that broadcasts against ``uncertainty``.
 
@@ -202,6 +232,10 @@ def resolve_threshold(
             [`Schedule`][bual_losses.schedules.Schedule] or a
             [`RatioSchedule`][bual_losses.schedules.RatioSchedule].
         step: the training step, required for the two schedule kinds.
+        sync_dist: ``False`` (default), ``True`` (the default process group) or a
+            ``ProcessGroup``: a RatioSchedule with ``per_sample=False`` is then resolved over
+            the maps of all ranks (see [`ratio_threshold`][bual_losses.regions.ratio_threshold]);
+            every other threshold is unaffected.
 
     Returns:
         A 0-d tensor, or ``(B, 1, ..., 1)`` (``uncertainty.ndim`` dims) for per-sample
@@ -211,6 +245,7 @@ def resolve_threshold(
         TypeError: for an unsupported ``uncertainty`` or ``threshold`` type.
         ValueError: for a NaN number, a tensor of the wrong shape, a missing ``step``, or a
             Python ratio outside ``[0, 1]``.
+        RuntimeError: for ``sync_dist`` without an initialised process group.
 
     Example:
         >>> u = torch.tensor([[0.1, 0.7], [0.4, 0.2]])
@@ -222,12 +257,16 @@ def resolve_threshold(
         tensor([[0.1000],
                 [0.2000]])
     """
-    return _resolve(_require_uncertainty(uncertainty), threshold, step)
+    return _resolve(_require_uncertainty(uncertainty), threshold, step, resolve_group(sync_dist))
 
 
 @numpy_compatible("uncertainty", "ratio")
 def ratio_threshold(
-    uncertainty: ArrayLike, ratio: Union[float, torch.Tensor], *, per_sample: bool = True
+    uncertainty: ArrayLike,
+    ratio: Union[float, torch.Tensor],
+    *,
+    per_sample: bool = True,
+    sync_dist: SyncDist = False,
 ) -> ArrayLike:
     r"""The exact threshold whose high region is the top-``ratio`` fraction of voxels.
 
@@ -253,6 +292,12 @@ def ratio_threshold(
         ratio: ``r`` in ``[0, 1]``: a Python number or a 0-d tensor.
         per_sample: ``N`` = voxels per sample, one threshold each (``True``), or all voxels of
             the batch, one threshold (``False``).
+        sync_dist: with ``per_sample=False``, ``True`` (the default process group) or a
+            ``ProcessGroup`` makes the batch the global one: the flattened maps of all ranks
+            (their sizes may differ) are all-gathered and the threshold is computed exactly
+            on their concatenation, identical on every rank. This costs one small collective
+            and host synchronisation for the sizes, then ``R`` times the local map in memory.
+            Per-sample thresholds need no synchronisation and ignore it.
 
     Returns:
         ``(B, 1, ..., 1)`` thresholds if ``per_sample`` else a 0-d tensor, in the map's dtype.
@@ -260,6 +305,7 @@ def ratio_threshold(
     Raises:
         TypeError: for a non-floating ``uncertainty`` or an unsupported ``ratio`` type.
         ValueError: for a Python ``ratio`` outside ``[0, 1]`` or a non-0-d tensor ratio.
+        RuntimeError: for ``sync_dist`` without an initialised process group.
 
     Example:
         >>> u = torch.tensor([[0.9, 0.1, 0.5, 0.3]])
@@ -271,7 +317,7 @@ def ratio_threshold(
     u = _require_uncertainty(uncertainty)
     if not isinstance(per_sample, bool):
         raise TypeError(f"`per_sample` must be a bool, got {type(per_sample).__name__}.")
-    return _ratio_threshold(u, ratio, per_sample=per_sample)
+    return _ratio_threshold(u, ratio, per_sample=per_sample, group=resolve_group(sync_dist))
 
 
 @numpy_compatible("uncertainty", "threshold")
@@ -281,6 +327,7 @@ def high_uncertainty_mask(
     *,
     step: Optional[Numeric] = None,
     validate: bool = True,
+    sync_dist: SyncDist = False,
 ) -> ArrayLike:
     r"""Boolean mask of the high-uncertainty region, ``u > tau``.
 
@@ -297,6 +344,8 @@ def high_uncertainty_mask(
         validate: check that ``uncertainty`` is finite and the threshold is not NaN (NaN
             voxels would otherwise fall silently into the low, trusted region). Asynchronous on
             accelerators, skipped under ``torch.compile``.
+        sync_dist: resolve a batch RatioSchedule over all ranks (see
+            [`resolve_threshold`][bual_losses.regions.resolve_threshold]).
 
     Returns:
         Bool tensor shaped like ``uncertainty``.
@@ -313,7 +362,7 @@ def high_uncertainty_mask(
         >>> high_uncertainty_mask(u, ratio_schedule(0.5), step=0)
         tensor([[False,  True,  True, False]])
     """
-    return _high(_require_uncertainty(uncertainty), threshold, step, validate)
+    return _high(_require_uncertainty(uncertainty), threshold, step, validate, sync_dist)
 
 
 @numpy_compatible("uncertainty", "threshold")
@@ -323,6 +372,7 @@ def low_uncertainty_mask(
     *,
     step: Optional[Numeric] = None,
     validate: bool = True,
+    sync_dist: SyncDist = False,
 ) -> ArrayLike:
     r"""Boolean mask of the low-uncertainty region, ``u <= tau``: the complement of the high one.
 
@@ -337,6 +387,8 @@ def low_uncertainty_mask(
             accepts.
         step: the training step, required when ``threshold`` is a schedule.
         validate: check that ``uncertainty`` is finite and the threshold is not NaN.
+        sync_dist: resolve a batch RatioSchedule over all ranks (see
+            [`resolve_threshold`][bual_losses.regions.resolve_threshold]).
 
     Returns:
         Bool tensor shaped like ``uncertainty``.
@@ -350,7 +402,7 @@ def low_uncertainty_mask(
         >>> low_uncertainty_mask(u, 0.5)
         tensor([[ True,  True, False,  True]])
     """
-    return ~_high(_require_uncertainty(uncertainty), threshold, step, validate)
+    return ~_high(_require_uncertainty(uncertainty), threshold, step, validate, sync_dist)
 
 
 @numpy_compatible("uncertainty", "threshold")
@@ -362,6 +414,7 @@ def soft_uncertainty_weight(
     step: Optional[Numeric] = None,
     high: bool = True,
     validate: bool = True,
+    sync_dist: SyncDist = False,
 ) -> ArrayLike:
     r"""Soft region membership: a sigmoid of the distance to the threshold.
 
@@ -381,6 +434,8 @@ def soft_uncertainty_weight(
         step: the training step, required when ``threshold`` is a schedule.
         high: return ``w_H`` (``True``) or ``w_L`` (``False``).
         validate: check that ``uncertainty`` is finite and the threshold is not NaN.
+        sync_dist: resolve a batch RatioSchedule over all ranks (see
+            [`resolve_threshold`][bual_losses.regions.resolve_threshold]).
 
     Returns:
         Weights in ``[0, 1]`` shaped like ``uncertainty``, in its dtype.
@@ -402,7 +457,7 @@ def soft_uncertainty_weight(
     if not isinstance(high, bool):
         raise TypeError(f"`high` must be a bool, got {type(high).__name__}.")
     u = _require_uncertainty(uncertainty)
-    thr = _resolve(u, threshold, step)
+    thr = _resolve(u, threshold, step, resolve_group(sync_dist))
     if validate:
         _check(u, thr)
     # Negating the difference (exact in IEEE arithmetic) keeps w_H + w_L == 1 up to the
@@ -441,7 +496,9 @@ def valid_mask(target: ArrayLike, *, ignore_index: Optional[int] = None) -> Arra
 
 
 @numpy_compatible("mask")
-def region_fraction(mask: ArrayLike, *, per_sample: bool = False) -> ArrayLike:
+def region_fraction(
+    mask: ArrayLike, *, per_sample: bool = False, sync_dist: SyncDist = False
+) -> ArrayLike:
     r"""Fraction of voxels in a region (mean of a bool mask or of soft weights), for logging.
 
     $$ f = \frac{1}{N}\sum_x M(x) $$
@@ -452,6 +509,9 @@ def region_fraction(mask: ArrayLike, *, per_sample: bool = False) -> ArrayLike:
     Args:
         mask: ``(B, *S)`` bool mask or soft weights.
         per_sample: one fraction per sample instead of one overall.
+        sync_dist: ``True`` (the default process group) or a ``ProcessGroup`` makes the overall
+            fraction global, over the voxels of all ranks (one all-reduce of a sum and a
+            count, both in float64); per-sample fractions stay per rank.
 
     Returns:
         A 0-d tensor, or ``(B,)`` if ``per_sample``; float32 (float64 for float64 weights).
@@ -459,6 +519,7 @@ def region_fraction(mask: ArrayLike, *, per_sample: bool = False) -> ArrayLike:
     Raises:
         TypeError: if ``mask`` is not an array.
         ValueError: if ``per_sample`` is requested for a 0-d mask.
+        RuntimeError: for ``sync_dist`` without an initialised process group.
 
     Example:
         >>> mask = torch.tensor([[True, False], [True, True]])
@@ -468,9 +529,12 @@ def region_fraction(mask: ArrayLike, *, per_sample: bool = False) -> ArrayLike:
         tensor([0.5000, 1.0000])
     """
     m = require_tensor(mask, "mask")
+    group = resolve_group(sync_dist)
     dtype = torch.promote_types(m.dtype, torch.float32) if m.is_floating_point() else torch.float32
     if per_sample:
         if m.ndim == 0:
             raise ValueError("`mask` must have shape (B, *S) for per_sample=True, got ().")
         return m.reshape(m.shape[0], -1).to(dtype).mean(dim=1)
+    if group is not None:
+        return global_mean(m.to(dtype).sum(), m.numel(), group)
     return m.to(dtype).mean()

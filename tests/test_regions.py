@@ -473,7 +473,7 @@ MAP = torch.rand(2, 3, 4)
             lambda: high_uncertainty_mask(MAP, torch.rand(3)),
             ValueError,
             r"`threshold` must be .* shape \(B,\) or \(B, 1, ..., 1\) = \(2, 1, 1\) \(B = 2\) "
-            r"to match `uncertainty` \(2, 3, 4\), got \(3\)",
+            r"to match `uncertainty` \(2, 3, 4\), got \(3,\)",
         ),
         (
             lambda: high_uncertainty_mask(MAP, torch.rand(2, 3)),
@@ -518,7 +518,7 @@ MAP = torch.rand(2, 3, 4)
         (
             lambda: ratio_threshold(MAP, torch.tensor([0.1, 0.2])),
             ValueError,
-            r"`ratio` must be a number or a 0-d tensor, got shape \(2\)",
+            r"`ratio` must be a number or a 0-d tensor, got shape \(2,\)",
         ),
         (
             lambda: ratio_threshold(MAP, "half"),
@@ -559,7 +559,7 @@ MAP = torch.rand(2, 3, 4)
             lambda: high_uncertainty_mask(torch.rand(4), 0.5),
             ValueError,
             r"`uncertainty` must have shape \(B, \*S\) or \(B, 1, \*S\) with at least one "
-            r"spatial dim, got \(4\)",
+            r"spatial dim, got \(4,\)",
         ),
         (
             lambda: high_uncertainty_mask([[0.1, 0.2]], 0.5),
