@@ -27,7 +27,7 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 
 def shape_str(shape: Sequence[int]) -> str:
-    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+    return str(tuple(int(s) for s in shape))
 
 
 def require_tensor(x: Any, name: str) -> torch.Tensor:
@@ -268,7 +268,7 @@ def check_finite(x: torch.Tensor, name: str) -> None:
 
 def check_range(x: torch.Tensor, name: str, low: float, high: float, what: str) -> None:
     """``low <= x <= high`` everywhere (NaN fails), in one min/max pass without temporaries."""
-    if x.dtype == torch.bool or x.numel() == 0:
+    if x.dtype == torch.bool or x.numel() == 0 or _compiling():
         return
     lo, hi = torch.aminmax(x)
     check_values((lo >= low) & (hi <= high), f"`{name}` must be {what}; found other values.")

@@ -39,11 +39,18 @@ import torch
 
 from .losses import RegionStats, _Options, accumulation_dtype
 
-__all__ = ["CHUNK_ELEMENTS", "UncertaintyWeight", "fused_stats"]
+__all__ = ["ACCELERATOR_CHUNKS", "CHUNK_ELEMENTS", "UncertaintyWeight", "fused_stats"]
 
-#: Logits per chunk (about 1 MiB of float32): small enough to stay in a CPU core's L2 cache with
-#: its temporaries, large enough that per-op overhead stays well below the arithmetic.
+#: Logits per chunk on the CPU (about 1 MiB of float32): small enough to stay in a core's L2
+#: cache with its temporaries, large enough that per-op overhead stays below the arithmetic
+#: (measured best of 2**14..2**19 on the 2D and 3D benchmark shapes).
 CHUNK_ELEMENTS = 1 << 18
+
+#: On accelerators the cost is the number of kernel launches, not cache misses: the voxels are
+#: cut into about this many chunks (each at least CHUNK_ELEMENTS), which bounds the temporaries
+#: to a fraction of the logits' size while keeping launches few. A first H200 run with CPU-sized
+#: chunks was launch-bound (benchmarks/results/cuda-2026-11-27.md).
+ACCELERATOR_CHUNKS = 4
 
 
 class UncertaintyWeight(NamedTuple):
@@ -87,9 +94,12 @@ class _Chunk(NamedTuple):
     s1: int
 
 
-def _chunks(batch: int, voxels: int, channels: int) -> list[_Chunk]:
+def _chunks(batch: int, voxels: int, channels: int, device: torch.device) -> list[_Chunk]:
     """Chunks of whole samples when samples are small, of voxel ranges inside one sample else."""
-    per_chunk = max(1, CHUNK_ELEMENTS // max(channels, 1))
+    elements = CHUNK_ELEMENTS
+    if device.type != "cpu":
+        elements = max(elements, -(-batch * voxels * channels // ACCELERATOR_CHUNKS))
+    per_chunk = max(1, elements // max(channels, 1))
     if voxels <= per_chunk:
         step = max(1, per_chunk // voxels)
         return [_Chunk(b, min(b + step, batch), 0, voxels) for b in range(0, batch, step)]
@@ -125,9 +135,15 @@ def _softmax(
     return z, torch.softmax(z, dim=1)
 
 
-def _logsumexp(z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """``lse = max_c z_c - log max_c p_c``, shape (nb, n): exact, since ``max_c p_c >= 1/K``."""
-    return z.amax(dim=1) - torch.log(p.amax(dim=1))
+def _shifted(z: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m - z, -log max_c p_c)`` with ``m = max_c z_c``: then ``lse - z_c`` is their sum.
+
+    ``lse = m - log max_c p_c`` is exact since ``max_c p_c >= 1/K``; keeping the two non-negative
+    parts apart (instead of forming ``lse - z_c`` from large logits) avoids cancellation, so the
+    CE keeps its relative precision in float32 whatever the logits' magnitude.
+    """
+    shifted = z.amax(dim=1, keepdim=True) - z  # (nb, K, n) >= 0
+    return shifted, torch.log(p.amax(dim=1)).neg_()  # (nb, n) >= 0
 
 
 class _ChunkTarget(NamedTuple):
@@ -169,8 +185,11 @@ def _indicator(
     spec: UncertaintyWeight, z: torch.Tensor, p: torch.Tensor, ch: _Chunk
 ) -> torch.Tensor:
     """Region indicator ``s`` (nb, n) from the normalised entropy of the chunk."""
-    entropy = _logsumexp(z, p) - (p * z).sum(dim=1)  # H = lse - sum_c p_c z_c, no log(0)
-    u = entropy / math.log(p.shape[1])
+    # H = sum_c p_c (lse - z_c) = sum_c p_c (m - z_c) - log max_c p_c, all terms >= 0; where():
+    # a class with p_c = 0 (a -inf logit) contributes 0, not 0 * inf
+    shifted, neg_log_pmax = _shifted(z, p)
+    entropy = torch.where(p != 0, p * shifted, 0.0).sum(dim=1) + neg_log_pmax
+    u = (entropy / math.log(p.shape[1])).clamp_(max=1.0)
     thr = spec.threshold.to(u.dtype)
     thr = thr[ch.b0 : ch.b1, None] if thr.ndim == 1 else thr
     return spec.indicator(u, thr)
@@ -214,7 +233,7 @@ class _FusedRegionStats(torch.autograd.Function):
         inter, pred, ground = (logits.new_zeros(bsz, k, dtype=dtype) for _ in range(3))
         mass = logits.new_zeros(bsz, dtype=dtype)
         cw = None if class_weight is None else class_weight.to(dtype)
-        for ch in _chunks(bsz, voxels, channels):
+        for ch in _chunks(bsz, voxels, channels, logits.device):
             b = slice(ch.b0, ch.b1)
             z, p, tgt, ind = _chunk_inputs(prep, ch, spec)
             g, w = tgt.probs, tgt.weight
@@ -227,8 +246,13 @@ class _FusedRegionStats(torch.autograd.Function):
             inter[b] += torch.linalg.vecdot(p, wg)
             ground[b] += torch.linalg.vecdot(g, wg) if squared else wg_sum
             # sum_v w g_c (lse - z_c) per class, then class-weighted: the CE numerator
-            lse = _logsumexp(z, p).unsqueeze(-1)
-            ce_c = torch.bmm(wg, lse).squeeze(-1) - torch.linalg.vecdot(wg, z)
+            # lse - z_c = (m - z_c) - log max p; where(): a -inf logit at a class the target
+            # does not hold contributes 0, not 0 * inf
+            shifted, neg_log_pmax = _shifted(z, p)
+            shifted = torch.where(wg != 0, shifted, 0.0)
+            ce_c = (
+                torch.linalg.vecdot(wg, shifted) + torch.bmm(wg, neg_log_pmax.unsqueeze(-1))[..., 0]
+            )
             ce_num[b] += (ce_c if cw is None else ce_c * cw).sum(-1)
             ce_den[b] += (wg_sum if cw is None else wg_sum * cw).sum(-1)
         ctx.mark_non_differentiable(ce_den, ground, mass)
@@ -259,7 +283,7 @@ class _FusedRegionStats(torch.autograd.Function):
             g_pred = 2 * g_pred  # d(p^2)/dp = 2p
         cw = None if class_weight is None else class_weight.to(dtype)
         grad = torch.empty_like(prep.logits)
-        for ch in _chunks(bsz, voxels, channels):
+        for ch in _chunks(bsz, voxels, channels, logits.device):
             b = slice(ch.b0, ch.b1)
             _, p, tgt, _ = _chunk_inputs(prep, ch, spec)
             g, w = tgt.probs, tgt.weight
