@@ -20,7 +20,9 @@ __all__ = ["BidirectionalLoss", "RegionCEDiceLoss"]
 def _class_weight_buffer(class_weight: ClassWeight) -> Optional[torch.Tensor]:
     if class_weight is None:
         return None
-    cw = torch.as_tensor(class_weight, dtype=torch.float32)
+    cw = torch.as_tensor(class_weight)
+    if not cw.is_floating_point():  # a float64 tensor stays float64: no silent rounding
+        cw = cw.to(torch.get_default_dtype())
     if cw.ndim != 1 or bool((cw < 0).any()) or not bool(cw.isfinite().all()):
         raise ValueError(
             f"`class_weight` must be a 1-D sequence of finite weights >= 0, got {cw.tolist()}."

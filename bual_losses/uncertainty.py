@@ -77,7 +77,8 @@ def _class_log_probs(
 
 def _entropy(probs: torch.Tensor, log_probs: torch.Tensor, dim: int) -> torch.Tensor:
     # p * (-log p), not -(p * log p): a certain voxel then gives +0, not -0.
-    return (probs * log_probs.neg()).sum(dim=dim)
+    # where(): a class with p = 0 (e.g. a -inf logit, log p = -inf) contributes 0, not NaN
+    return torch.where(probs != 0, probs * log_probs.neg(), 0.0).sum(dim=dim)
 
 
 def _require_dim(dim: Any, x: torch.Tensor) -> int:
@@ -168,7 +169,8 @@ def entropy_map(
     )
     entropy = _entropy(probs, log_probs, dim=dim)
     if normalize:
-        entropy = entropy / math.log(num_classes)
+        # rounding can leave a uniform distribution at 1 + ulp; the bound is exact
+        entropy = (entropy / math.log(num_classes)).clamp_(max=1.0)
     return entropy.to(x.dtype)
 
 

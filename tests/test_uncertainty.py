@@ -229,7 +229,7 @@ ENTROPY_MAP_ERRORS = [
         r"`x` must have a floating dtype, got torch.int32"),
     ([[0.5, 0.5]], {}, TypeError, r"`x` must be a torch.Tensor or numpy.ndarray, got list"),
     (torch.ones(3), {}, ValueError,
-        r"`x` must have at least 2 dims, \(B, C, \*S\) .* got shape \(3\)"),
+        r"`x` must have at least 2 dims, \(B, C, \*S\) .* got shape \(3,\)"),
     (torch.ones(2, 3), {"dim": 2}, ValueError,
         r"`dim` must be in \[-2, 1\] for `x` of shape \(2, 3\), got 2"),
     (torch.ones(2, 3), {"dim": -3}, ValueError, r"`dim` must be in \[-2, 1\] .* got -3"),
