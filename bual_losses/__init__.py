@@ -6,6 +6,7 @@ region is trusted. See :func:`bidirectional_loss`.
 """
 
 from .bidirectional import BidirectionalParts, bidirectional_loss
+from .diagnostics import ErrorDetectionAccumulator, ErrorDetectionReport, error_detection_report
 from .fused import UncertaintyWeight
 from .losses import (
     SSL4MIS_DICE,
@@ -51,6 +52,8 @@ __all__ = [
     "SSL4MIS_DICE",
     "BidirectionalLoss",
     "BidirectionalParts",
+    "ErrorDetectionAccumulator",
+    "ErrorDetectionReport",
     "RatioSchedule",
     "RegionCEDiceLoss",
     "RegionStats",
@@ -64,6 +67,7 @@ __all__ = [
     "cosine_schedule",
     "ensemble_uncertainty",
     "entropy_map",
+    "error_detection_report",
     "high_uncertainty_mask",
     "linear_rampup",
     "linear_schedule",
