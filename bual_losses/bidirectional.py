@@ -430,7 +430,8 @@ def bidirectional_loss(
     # a constant weight stays a Python number: evaluated at a tensor step it would be rounded
     # to the step's float dtype
     lam = consistency_weight if isinstance(consistency_weight, Real) else lam_schedule(step)
-    lam_t = torch.as_tensor(lam, dtype=loss_l.dtype, device=loss_l.device)
+    lam_t = lam if isinstance(lam, torch.Tensor) else loss_l.new_full((), float(lam))
+    lam_t = lam_t.to(device=loss_l.device, dtype=loss_l.dtype)
     if student_unlabeled_logits is None or teacher_unlabeled_logits is None:
         zero = loss_l.new_zeros(())
         parts = BidirectionalParts(loss_l, zero, lam_t, thr_h, zero, frac_h, zero)
