@@ -123,89 +123,135 @@ class _Prepared(NamedTuple):
     dtype: torch.dtype  # accumulation dtype
 
 
-def _softmax(
-    z: torch.Tensor, binary: bool, dtype: torch.dtype
+class _Workspace:
+    """Scratch buffers reused by every chunk of one pass, handed out as shaped views.
+
+    A fresh chunk-sized tensor is a fresh allocation that the C allocator often takes from (and
+    returns to) the system, paying a page fault per 4 KiB on first touch; measured, that cost
+    more than the arithmetic. With a few reused buffers every temporary is an ``out=`` or
+    in-place write. ``big`` slots hold (nb, K, n) tensors, ``small`` slots (nb, n) ones.
+    """
+
+    def __init__(self, like: torch.Tensor, dtype: torch.dtype, chunks: list[_Chunk], k: int):
+        voxels = max((c.b1 - c.b0) * (c.s1 - c.s0) for c in chunks)
+        self._big = like.new_empty((_BIG_SLOTS, voxels * k), dtype=dtype)
+        self._small = like.new_empty((_SMALL_SLOTS, voxels), dtype=dtype)
+
+    def big(self, slot: int, nb: int, k: int, n: int) -> torch.Tensor:
+        return self._big[slot, : nb * k * n].view(nb, k, n)
+
+    def small(self, slot: int, nb: int, n: int) -> torch.Tensor:
+        return self._small[slot, : nb * n].view(nb, n)
+
+
+# big slots: logits copy, probabilities, target, and three for products; small: see their use
+_Z, _P, _G, _A, _B, _C = range(6)
+_BIG_SLOTS = 6
+_YF, _W, _M, _NLP, _T, _U, _H = range(7)
+_SMALL_SLOTS = 7
+
+
+class _ChunkData(NamedTuple):
+    """One chunk's inputs: logits ``z``, probabilities ``p``, target ``g`` (nb, K, n) and the
+    region weight ``w`` (nb, n), a derived uncertainty weight folded in."""
+
+    z: torch.Tensor
+    p: torch.Tensor
+    g: torch.Tensor
+    w: torch.Tensor
+    indicator: Optional[torch.Tensor]
+
+
+def _load_chunk(
+    prep: _Prepared, ch: _Chunk, ws: _Workspace, spec: Optional[UncertaintyWeight]
+) -> _ChunkData:
+    b, s = slice(ch.b0, ch.b1), slice(ch.s0, ch.s1)
+    nb, n, k = ch.b1 - ch.b0, ch.s1 - ch.s0, prep.num_classes
+    raw = prep.logits[b, :, s]
+    if prep.binary:  # softmax([0, z]) = [1 - sigmoid(z), sigmoid(z)]
+        z = ws.big(_Z, nb, 2, n)
+        z[:, :1].zero_()
+        z[:, 1:].copy_(raw)
+    elif raw.is_contiguous() and raw.dtype == prep.dtype:
+        z = raw
+    else:
+        # a chunk inside a sample is strided across classes: ATen's softmax over dim 1 is
+        # several times slower on such a view than a copy plus the contiguous kernel
+        z = ws.big(_Z, nb, k, n).copy_(raw)
+    p = torch.ops.aten._softmax.out(z, 1, False, out=ws.big(_P, nb, k, n))
+
+    if prep.weight is None:
+        w = ws.small(_W, nb, n).fill_(1.0)
+    else:
+        wb = prep.weight[b] if prep.weight.shape[0] > 1 else prep.weight
+        w = wb[:, s].expand(nb, n)
+        if w.dtype != prep.dtype:
+            w = ws.small(_W, nb, n).copy_(w)
+    if prep.labels is None:
+        assert prep.probs is not None
+        g = prep.probs[b, :, s]
+        if prep.binary:
+            g2 = ws.big(_G, nb, 2, n)
+            g2[:, 1:].copy_(g)
+            torch.neg(g2[:, 1:], out=g2[:, :1]).add_(1.0)
+            g = g2
+        elif g.dtype != prep.dtype:
+            g = ws.big(_G, nb, k, n).copy_(g)
+    else:
+        y = prep.labels[b, s]
+        if prep.ignore_index is not None:
+            w = torch.mul(w, y != prep.ignore_index, out=ws.small(_W, nb, n))
+        # one-hot as relu(1 - |y - c|): float arithmetic vectorises far better than an integer
+        # compare or a scatter, and a label outside [0, K) (an ignore index) gets a zero row
+        yf = ws.small(_YF, nb, n).copy_(y).unsqueeze(1)
+        classes = torch.arange(k, dtype=prep.dtype, device=yf.device).view(1, k, 1)
+        g = torch.sub(yf, classes, out=ws.big(_G, nb, k, n)).abs_().neg_().add_(1).clamp_(min=0)
+
+    indicator = None
+    if spec is not None:
+        indicator = _indicator(spec, z, p, ch, ws)
+        derived = torch.mul(indicator, spec.scale, out=ws.small(_U, nb, n)).add_(spec.base)
+        w = torch.mul(w, derived, out=ws.small(_W, nb, n))
+    return _ChunkData(z, p, g, w, indicator)
+
+
+def _shifted(
+    z: torch.Tensor, p: torch.Tensor, ws: _Workspace, slot: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(z_K, p)`` for a chunk ``z`` of shape (nb, C, n); binary logits become [0, z]."""
-    # A chunk inside a sample is strided across classes; ATen's softmax over dim 1 is several
-    # times slower on such a view than a copy plus the contiguous kernel.
-    z = z.to(dtype).contiguous()
-    if binary:
-        z = torch.cat([torch.zeros_like(z), z], dim=1)
-    return z, torch.softmax(z, dim=1)
-
-
-def _shifted(z: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(m - z, -log max_c p_c)`` with ``m = max_c z_c``: then ``lse - z_c`` is their sum.
 
     ``lse = m - log max_c p_c`` is exact since ``max_c p_c >= 1/K``; keeping the two non-negative
     parts apart (instead of forming ``lse - z_c`` from large logits) avoids cancellation, so the
     CE keeps its relative precision in float32 whatever the logits' magnitude.
     """
-    shifted = z.amax(dim=1, keepdim=True) - z  # (nb, K, n) >= 0
-    return shifted, torch.log(p.amax(dim=1)).neg_()  # (nb, n) >= 0
+    nb, k, n = z.shape
+    m = torch.amax(z, dim=1, keepdim=True, out=ws.small(_M, nb, n).unsqueeze(1))
+    shifted = torch.sub(m, z, out=ws.big(slot, nb, k, n))  # >= 0
+    neg_log_pmax = torch.amax(p, dim=1, out=ws.small(_NLP, nb, n))
+    return shifted, neg_log_pmax.log_().neg_()  # >= 0
 
 
-class _ChunkTarget(NamedTuple):
-    probs: torch.Tensor  # (nb, K, n) target probabilities g (one-hot for labels)
-    weight: torch.Tensor  # (nb, n): region weight x validity
+def _finite_products(x: torch.Tensor) -> torch.Tensor:
+    """Zero the NaN of ``0 * inf`` (a -inf logit at a class with no mass) in place.
 
-
-def _one_hot(labels: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """One-hot ``(nb, K, n)`` from labels ``(nb, n)`` as ``relu(1 - |y - c|)``.
-
-    Elementwise float arithmetic vectorises far better than an integer compare or a scatter,
-    and any label outside ``[0, K)`` (e.g. an ignore index) gets an all-zero row for free.
+    A data-dependent ``where`` would cost branch mispredictions on one-hot patterns, measured at
+    several times the rest of the chunk's work.
     """
-    classes = torch.arange(k, dtype=dtype, device=labels.device).view(1, k, 1)
-    return (labels.to(dtype).unsqueeze(1) - classes).abs_().neg_().add_(1).clamp_(min=0)
-
-
-def _chunk_target(prep: _Prepared, ch: _Chunk) -> _ChunkTarget:
-    b, s = slice(ch.b0, ch.b1), slice(ch.s0, ch.s1)
-    nb, n = ch.b1 - ch.b0, ch.s1 - ch.s0
-    if prep.weight is None:
-        w = prep.logits.new_ones((nb, n), dtype=prep.dtype)
-    else:
-        wb = prep.weight[b] if prep.weight.shape[0] > 1 else prep.weight
-        w = wb[:, s].to(prep.dtype).expand(nb, n)
-    if prep.labels is None:
-        assert prep.probs is not None
-        g = prep.probs[b, :, s].to(prep.dtype)
-        if prep.binary:
-            g = torch.cat([1 - g, g], dim=1)
-        return _ChunkTarget(g, w)
-    y = prep.labels[b, s]
-    if prep.ignore_index is not None:
-        w = w * (y != prep.ignore_index)
-    return _ChunkTarget(_one_hot(y, prep.num_classes, prep.dtype), w)
+    return torch.nan_to_num_(x, nan=0.0, posinf=math.inf, neginf=-math.inf)
 
 
 def _indicator(
-    spec: UncertaintyWeight, z: torch.Tensor, p: torch.Tensor, ch: _Chunk
+    spec: UncertaintyWeight, z: torch.Tensor, p: torch.Tensor, ch: _Chunk, ws: _Workspace
 ) -> torch.Tensor:
     """Region indicator ``s`` (nb, n) from the normalised entropy of the chunk."""
-    # H = sum_c p_c (lse - z_c) = sum_c p_c (m - z_c) - log max_c p_c, all terms >= 0; where():
-    # a class with p_c = 0 (a -inf logit) contributes 0, not 0 * inf
-    shifted, neg_log_pmax = _shifted(z, p)
-    entropy = torch.where(p != 0, p * shifted, 0.0).sum(dim=1) + neg_log_pmax
-    u = (entropy / math.log(p.shape[1])).clamp_(max=1.0)
+    # H = sum_c p_c (lse - z_c) = sum_c p_c (m - z_c) - log max_c p_c, all terms >= 0
+    shifted, neg_log_pmax = _shifted(z, p, ws, _C)
+    plogp = _finite_products(shifted.mul_(p))
+    entropy = torch.sum(plogp, dim=1, out=ws.small(_H, *neg_log_pmax.shape))
+    u = entropy.add_(neg_log_pmax).div_(math.log(p.shape[1])).clamp_(max=1.0)
     thr = spec.threshold.to(u.dtype)
     thr = thr[ch.b0 : ch.b1, None] if thr.ndim == 1 else thr
     return spec.indicator(u, thr)
-
-
-def _chunk_inputs(
-    prep: _Prepared, ch: _Chunk, spec: Optional[UncertaintyWeight]
-) -> tuple[torch.Tensor, torch.Tensor, _ChunkTarget, Optional[torch.Tensor]]:
-    """``(z, p, target, s)`` of one chunk; a derived weight ``base + scale * s`` is folded into
-    the target's weight (``s`` is None without a derived weight)."""
-    z, p = _softmax(prep.logits[ch.b0 : ch.b1, :, ch.s0 : ch.s1], prep.binary, prep.dtype)
-    tgt = _chunk_target(prep, ch)
-    if spec is None:
-        return z, p, tgt, None
-    s = _indicator(spec, z, p, ch)
-    return z, p, tgt._replace(weight=tgt.weight * (spec.base + spec.scale * s)), s
 
 
 class _FusedRegionStats(torch.autograd.Function):
@@ -233,26 +279,24 @@ class _FusedRegionStats(torch.autograd.Function):
         inter, pred, ground = (logits.new_zeros(bsz, k, dtype=dtype) for _ in range(3))
         mass = logits.new_zeros(bsz, dtype=dtype)
         cw = None if class_weight is None else class_weight.to(dtype)
-        for ch in _chunks(bsz, voxels, channels, logits.device):
+        chunks = _chunks(bsz, voxels, channels, logits.device)
+        ws = _Workspace(logits, dtype, chunks, k)
+        for ch in chunks:
             b = slice(ch.b0, ch.b1)
-            z, p, tgt, ind = _chunk_inputs(prep, ch, spec)
-            g, w = tgt.probs, tgt.weight
+            z, p, g, w, ind = _load_chunk(prep, ch, ws, spec)
             if ind is not None:
                 mass[b] += ind.sum(-1)
-            w_col = w.unsqueeze(-1)  # (nb, n, 1): sums over voxels as batched mat-vec products
-            wg = g * w.unsqueeze(1)  # (nb, K, n)
+            wg = torch.mul(g, w.unsqueeze(1), out=ws.big(_A, *g.shape))
             wg_sum = wg.sum(-1)
-            pred[b] += torch.bmm(p * p if squared else p, w_col).squeeze(-1)
-            inter[b] += torch.linalg.vecdot(p, wg)
-            ground[b] += torch.linalg.vecdot(g, wg) if squared else wg_sum
-            # sum_v w g_c (lse - z_c) per class, then class-weighted: the CE numerator
-            # lse - z_c = (m - z_c) - log max p; where(): a -inf logit at a class the target
-            # does not hold contributes 0, not 0 * inf
-            shifted, neg_log_pmax = _shifted(z, p)
-            shifted = torch.where(wg != 0, shifted, 0.0)
-            ce_c = (
-                torch.linalg.vecdot(wg, shifted) + torch.bmm(wg, neg_log_pmax.unsqueeze(-1))[..., 0]
-            )
+            pk = torch.mul(p, p, out=ws.big(_B, *p.shape)) if squared else p
+            pred[b] += torch.bmm(pk, w.unsqueeze(-1))[..., 0]
+            inter[b] += torch.mul(p, wg, out=ws.big(_B, *p.shape)).sum(-1)
+            ground[b] += torch.mul(g, wg, out=ws.big(_B, *p.shape)).sum(-1) if squared else wg_sum
+            # the CE numerator per class, sum_v w g_c (lse - z_c) with lse - z_c split into
+            # (m - z_c) + (-log max p), then class-weighted
+            shifted, neg_log_pmax = _shifted(z, p, ws, _B)
+            ce_c = _finite_products(shifted.mul_(wg)).sum(-1)
+            ce_c += torch.bmm(wg, neg_log_pmax.unsqueeze(-1))[..., 0]
             ce_num[b] += (ce_c if cw is None else ce_c * cw).sum(-1)
             ce_den[b] += (wg_sum if cw is None else wg_sum * cw).sum(-1)
         ctx.mark_non_differentiable(ce_den, ground, mass)
@@ -276,31 +320,34 @@ class _FusedRegionStats(torch.autograd.Function):
             else ctx.spec._replace(threshold=threshold)
         )
         squared = ctx.opts.squared_pred
-        dtype = prep.dtype
+        dtype, k = prep.dtype, prep.num_classes
         bsz, channels, voxels = prep.logits.shape
         g_ce, g_inter, g_pred = (t.to(dtype) for t in (g_ce, g_inter, g_pred))
         if squared:
             g_pred = 2 * g_pred  # d(p^2)/dp = 2p
         cw = None if class_weight is None else class_weight.to(dtype)
         grad = torch.empty_like(prep.logits)
-        for ch in _chunks(bsz, voxels, channels, logits.device):
+        chunks = _chunks(bsz, voxels, channels, logits.device)
+        ws = _Workspace(logits, dtype, chunks, k)
+        for ch in chunks:
             b = slice(ch.b0, ch.b1)
-            _, p, tgt, _ = _chunk_inputs(prep, ch, spec)
-            g, w = tgt.probs, tgt.weight
+            _, p, g, w, _ = _load_chunk(prep, ch, ws, spec)
+            nb, _, n = p.shape
             gce = g_ce[b].view(-1, 1, 1)
             gi, gp = g_inter[b].unsqueeze(-1), g_pred[b].unsqueeze(-1)  # (nb, K, 1)
             # With h_c = dL/dp_c per unit weight = gi_c g_c + gp_c p_c^(k-1), a = class-weighted
             # target and A = sum_c a_c, the softmax chain rule gives
             #   dz = w [p (h - sum_c p_c h_c + gce A) - gce a]
-            #      = w [p t + gp p^k + gi (p g) - gce a],   t = gce A - sum_c p_c h_c.
-            # Built from in-place multiply-adds on (nb, K, n) and mat-vec products for the
-            # class sums: no (K, n) temporaries beyond p, g and p g.
-            pk = p * p if squared else p
-            pg = p * g
+            #      = w [p t + gp p^k + gi (p g) - gce a],   t = gce A - sum_c p_c h_c,
+            # built from in-place multiply-adds and mat-vec products for the class sums.
+            pk = torch.mul(p, p, out=ws.big(_B, nb, k, n)) if squared else p
+            pg = torch.mul(p, g, out=ws.big(_A, nb, k, n))
             gi_t, gp_t = gi.transpose(1, 2), gp.transpose(1, 2)  # (nb, 1, K)
             weights = torch.ones_like(gi_t) if cw is None else cw.view(1, 1, -1).expand_as(gi_t)
-            t = gce * torch.bmm(weights, g) - torch.bmm(gi_t, pg) - torch.bmm(gp_t, pk)
-            dz = p * t
+            t = torch.bmm(weights, g, out=ws.small(_T, nb, n).unsqueeze(1)).mul_(gce)
+            u = ws.small(_U, nb, n).unsqueeze(1)
+            t.sub_(torch.bmm(gi_t, pg, out=u)).sub_(torch.bmm(gp_t, pk, out=u))
+            dz = torch.mul(p, t, out=ws.big(_C, nb, k, n))
             dz.addcmul_(pk, gp).addcmul_(pg, gi)
             dz.addcmul_(g, gce if cw is None else gce * cw.view(1, -1, 1), value=-1)
             out = grad[b, :, ch.s0 : ch.s1]
