@@ -723,6 +723,17 @@ def test_model_output_changing_shape_between_passes() -> None:
 # streaming memory: live tensor bytes must not grow with the number of passes
 
 
+def _storage_pointer(tensor: torch.Tensor) -> int:
+    """The CPU storage address, or 0 for tensors without one (e.g. FakeTensors that
+    torch.compile caches from earlier tests keep alive in the same process)."""
+    if tensor.device.type != "cpu":
+        return 0
+    try:
+        return int(tensor.untyped_storage().data_ptr())
+    except RuntimeError:
+        return 0
+
+
 def live_tensor_bytes(exclude: set[int]) -> int:
     """Bytes of the distinct storages of the live tensors that the garbage collector lists,
     except storages whose address is in ``exclude``. Views share a storage and count once."""
@@ -730,14 +741,13 @@ def live_tensor_bytes(exclude: set[int]) -> int:
     total = 0
     for obj in gc.get_objects():
         # type(), not isinstance: isinstance reads __class__, which wakes lazy module proxies.
-        if not issubclass(type(obj), torch.Tensor) or obj.device.type != "cpu":
+        if not issubclass(type(obj), torch.Tensor):
             continue
-        storage = obj.untyped_storage()
-        pointer = storage.data_ptr()
+        pointer = _storage_pointer(obj)
         if pointer == 0 or pointer in exclude or pointer in seen:
             continue
         seen.add(pointer)
-        total += storage.nbytes()
+        total += obj.untyped_storage().nbytes()
     return total
 
 
@@ -755,7 +765,7 @@ def peak_live_tensor_bytes(run: Callable[[Callable[[], None]], object]) -> int:
     gc.collect()
     # Held until the end: a freed old storage could hand its address to a new tensor.
     existing = [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor)]
-    exclude = {t.untyped_storage().data_ptr() for t in existing if t.device.type == "cpu"}
+    exclude = {_storage_pointer(t) for t in existing}
     peak = 0
 
     def probe() -> None:
