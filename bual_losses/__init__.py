@@ -2,7 +2,7 @@
 
 Pseudo-label errors concentrate where a model is uncertain. On labeled data the
 high-uncertainty region is weighted up; on unlabeled data only the teacher's low-uncertainty
-region is trusted. See :func:`bidirectional_loss`.
+region is trusted. See [`bidirectional_loss`][bual_losses.bidirectional.bidirectional_loss].
 """
 
 from .bidirectional import BidirectionalParts, bidirectional_loss

@@ -17,8 +17,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = ["ArrayLike", "as_tensor", "numpy_compatible", "restore"]
 
-#: What the non-differentiable helpers accept and return.
 ArrayLike = Union[torch.Tensor, np.ndarray]
+"""What the non-differentiable helpers accept and return."""
 
 
 def as_tensor(x: Any, name: str) -> tuple[torch.Tensor, bool]:

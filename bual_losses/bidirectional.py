@@ -1,21 +1,23 @@
 r"""The bidirectional uncertainty-aware loss: emphasis on labeled data, selection on unlabeled.
 
-.. math::
+$$
+L = L_{ce+dice}\big(z_l, y;\ w_l\big) + \lambda(t)\, L_{ce+dice}\big(z_u, \hat y;\ w_u\big),
+\qquad \hat y = \operatorname{argmax}_c\, p^{teacher}_c
+$$
 
-    L = L_{ce+dice}\big(z_l, y;\ w_l\big) + \lambda(t)\, L_{ce+dice}\big(z_u, \hat y;\ w_u\big),
-    \qquad \hat y = \operatorname{argmax}_c\, p^{teacher}_c
+$$
+w_l = 1 + \alpha\,[u_l > \tau_h(t)], \qquad
+w_u = \beta + (1 - \beta)\,[u_u \le \tau_l(t)]
+$$
 
-    w_l = 1 + \alpha\,[u_l > \tau_h(t)], \qquad
-    w_u = \beta + (1 - \beta)\,[u_u \le \tau_l(t)]
-
-(or the soft versions with a sigmoid of temperature ``T``). ``u`` is the normalised entropy of
-the teacher's prediction for unlabeled images and of the detached student prediction for labeled
+(or the soft versions with a sigmoid of temperature $T$). $u$ is the normalised entropy of the
+teacher's prediction for unlabeled images and of the detached student prediction for labeled
 images, unless the caller passes teacher logits or an uncertainty map of its own (MC dropout,
-ensembles, any estimator of :mod:`bual_losses.uncertainty`).
+ensembles, any estimator of [`bual_losses.uncertainty`][]).
 
 Defaults follow UA-MT / SSL4MIS conventions (the source paper's exact hyperparameters are not
-available): thresholds ``(0.75 + 0.25\,\text{sigmoid\_rampup}(t, T))`` of the maximum entropy,
-consistency weight ``0.1\,\text{sigmoid\_rampup}(t, T)``, ``T`` = ``total_steps``.
+available): thresholds $0.75 + 0.25\,\text{sigmoid\_rampup}(t, T)$ of the maximum entropy,
+consistency weight $\lambda(t) = 0.1\,\text{sigmoid\_rampup}(t, T)$, with $T$ = ``total_steps``.
 """
 
 from __future__ import annotations
@@ -58,19 +60,46 @@ __all__ = ["BidirectionalParts", "bidirectional_loss", "check_bidirectional_opti
 
 Threshold = Union[float, torch.Tensor, Schedule, RatioSchedule]
 
-#: SSL4MIS's maximum iterations, the default ramp length when ``total_steps`` is not given.
 DEFAULT_TOTAL_STEPS = 30000
-#: UA-MT / SSL4MIS consistency weight.
+"""SSL4MIS's maximum iterations, the default ramp length when ``total_steps`` is not given."""
 DEFAULT_CONSISTENCY = 0.1
+"""UA-MT / SSL4MIS consistency weight."""
 
 
 class BidirectionalParts(NamedTuple):
-    """What :func:`bidirectional_loss` computed, as tensors (no host synchronisation).
+    """What [`bidirectional_loss`][bual_losses.bidirectional.bidirectional_loss] computed.
 
-    Thresholds are 0-d, or ``(B,)`` for per-sample thresholds and ratios. Fractions are the
-    mean region indicator (soft weights with a temperature) over all voxels of the branch.
-    With ``sync_dist`` the losses, the fractions and batch ratio thresholds are those of the
-    global batch (identical on every rank); per-sample thresholds stay per rank.
+    All fields are tensors, so returning them costs no host synchronisation (reading one with
+    ``.item()`` does). Thresholds are 0-d, or ``(B,)`` for per-sample thresholds and ratios.
+    Fractions are the mean region indicator (soft weights with a temperature) over all voxels
+    of the branch. With ``sync_dist`` the losses, the fractions and batch ratio thresholds are
+    those of the global batch (identical on every rank); per-sample thresholds stay per rank.
+    Without unlabeled images the three fields of the unlabeled branch are 0.
+
+    Attributes:
+        labeled_loss: 0-d, the region-weighted CE + Dice of the labeled branch.
+        unlabeled_loss: 0-d, the region-weighted CE + Dice of the unlabeled branch against the
+            teacher's pseudo-labels; the loss is
+            ``labeled_loss + consistency_weight * unlabeled_loss``.
+        consistency_weight: 0-d, the weight ``lambda(t)`` of the unlabeled branch at this step.
+        high_threshold: ``tau_h`` used on the labeled branch, 0-d or ``(B_l,)``.
+        low_threshold: ``tau_l`` used on the unlabeled branch, 0-d or ``(B_u,)``.
+        labeled_high_fraction: 0-d, the share of labeled voxels in the high-uncertainty
+            (emphasised) region.
+        unlabeled_low_fraction: 0-d, the share of unlabeled voxels in the low-uncertainty
+            (trusted) region.
+
+    Examples:
+        >>> import torch
+        >>> from bual_losses import bidirectional_loss
+        >>> zl, y = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8))
+        >>> zu, zt = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+        >>> loss, parts = bidirectional_loss(zl, y, zu, zt, step=1000, return_parts=True)
+        >>> parts.high_threshold.shape, parts.unlabeled_low_fraction.shape
+        (torch.Size([]), torch.Size([]))
+        >>> lam = parts.consistency_weight
+        >>> bool(torch.allclose(loss, parts.labeled_loss + lam * parts.unlabeled_loss))
+        True
     """
 
     labeled_loss: torch.Tensor
@@ -106,7 +135,12 @@ def check_bidirectional_options(
     consistency_weight: Union[float, Schedule, None] = None,
     **loss_options: Any,
 ) -> None:
-    """Checks of every scalar option of :func:`bidirectional_loss` (shared with the module)."""
+    """Checks of every scalar option of the bidirectional loss (shared with the module).
+
+    Called by [`bidirectional_loss`][bual_losses.bidirectional.bidirectional_loss] on every call
+    and by [`BidirectionalLoss`][bual_losses.modules.BidirectionalLoss] at construction, so a
+    bad configuration fails before the first batch.
+    """
     known = set(_LOSS_OPTIONS)
     unknown = sorted(set(loss_options) - known)
     if unknown:
@@ -275,16 +309,17 @@ def bidirectional_loss(
 ) -> Union[torch.Tensor, tuple[torch.Tensor, BidirectionalParts]]:
     r"""Bidirectional uncertainty-aware region loss for one semi-supervised batch.
 
-    .. math::
+    $$
+    L = L\big(z_l, y;\ 1 + \alpha\,[u_l > \tau_h(t)]\big)
+      + \lambda(t)\; L\big(z_u, \operatorname{argmax} p^{T}_u;\
+                           \beta + (1-\beta)\,[u_u \le \tau_l(t)]\big)
+    $$
 
-        L = L\big(z_l, y;\ 1 + \alpha\,[u_l > \tau_h(t)]\big)
-          + \lambda(t)\; L\big(z_u, \operatorname{argmax} p^{T}_u;\
-                               \beta + (1-\beta)\,[u_u \le \tau_l(t)]\big)
-
-    where ``L`` is :func:`~bual_losses.region_ce_dice_loss` (region-weighted CE + soft Dice) and
-    ``u`` the entropy divided by ``ln C`` (in ``[0, 1]``). With a ``temperature`` ``T`` the
-    indicators become ``sigmoid((u - tau) / T)`` and ``sigmoid((tau - u) / T)``. Teacher logits,
-    pseudo-labels and uncertainty maps never receive gradients.
+    where $L$ is [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss]
+    (region-weighted CE + soft Dice) and $u$ the entropy divided by $\ln C$ (in ``[0, 1]``).
+    With a ``temperature`` ``T`` the indicators become ``sigmoid((u - tau) / T)`` and
+    ``sigmoid((tau - u) / T)``. Teacher logits, pseudo-labels and uncertainty maps never
+    receive gradients.
 
     Args:
         student_labeled_logits: ``(B_l, C, *S)`` student logits of the labeled images.
@@ -309,30 +344,32 @@ def bidirectional_loss(
         temperature: ``None`` for hard regions, else the sigmoid temperature of soft regions.
         consistency_weight: ``lambda(t)``: a number or Schedule. Default
             ``0.1 * sigmoid_rampup(step, total_steps)`` (UA-MT / SSL4MIS).
-        include_background: see :func:`~bual_losses.region_ce_dice_loss`.
-        squared_pred: see :func:`~bual_losses.region_ce_dice_loss`.
-        smooth_nr: see :func:`~bual_losses.region_ce_dice_loss`.
-        smooth_dr: see :func:`~bual_losses.region_ce_dice_loss`.
-        batch: see :func:`~bual_losses.region_ce_dice_loss`.
-        lambda_ce: see :func:`~bual_losses.region_ce_dice_loss`.
-        lambda_dice: see :func:`~bual_losses.region_ce_dice_loss`.
-        class_weight: see :func:`~bual_losses.region_ce_dice_loss` (both branches).
+        include_background: see [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss].
+        squared_pred: see [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss].
+        smooth_nr: see [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss].
+        smooth_dr: see [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss].
+        batch: see [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss].
+        lambda_ce: see [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss].
+        lambda_dice: see [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss].
+        class_weight: see
+            [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss] (both branches).
         ignore_index: label value ignored in the labeled branch.
-        eps: see :func:`~bual_losses.region_ce_dice_loss`.
-        impl: see :func:`~bual_losses.region_ce_dice_loss`.
+        eps: see [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss].
+        impl: see [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss].
         validate: value checks (labels, finiteness of logits and uncertainty maps).
-        return_parts: also return a :class:`BidirectionalParts` for logging.
+        return_parts: also return a
+            [`BidirectionalParts`][bual_losses.bidirectional.BidirectionalParts] for logging.
         sync_dist: ``False`` (default), ``True`` (the default ``torch.distributed`` process
             group) or a ``ProcessGroup``: both branch losses are finished on the statistics of
-            all ranks (see :func:`~bual_losses.region_ce_dice_loss`), ratio thresholds with
-            ``per_sample=False`` are computed over all ranks' maps and the region fractions
-            are global, so every rank computes the loss of the concatenated batch. Every rank
-            must pass unlabeled logits, or none must.
+            all ranks (see [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss]),
+            ratio thresholds with ``per_sample=False`` are computed over all ranks' maps and
+            the region fractions are global, so every rank computes the loss of the
+            concatenated batch. Every rank must pass unlabeled logits, or none must.
 
     Returns:
         The scalar loss, or ``(loss, parts)`` with ``return_parts=True``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from bual_losses import bidirectional_loss
         >>> zl = torch.randn(2, 4, 32, 32, requires_grad=True)

@@ -61,31 +61,32 @@ The accumulator keeps, per pseudo-label class, integer counts of voxels and of e
 such voxels is reported as ``out_of_range_fraction``). Counts are int64, so accumulation is
 exact and independent of how the data is split into batches.
 
-* **Exact** (no binning error): ``num_voxels``, ``num_errors``, ``error_rate``; the threshold
-  sweep ``high_fraction`` / ``error_rate_high`` / ``error_rate_low`` (each threshold is counted
-  exactly, ``u > tau`` in the map's dtype); ECE and the reliability bins (their own
-  ``calibration_bins`` bins of confidence, with confidences summed in fixed point with
-  resolution ``2**-24``).
-* **Binned**: AUROC, average precision, the retention curve and its area and the ratio sweep are
-  exact for the uncertainty *quantised to its bin*, with ties (voxels in one bin) counted as
-  half in AUROC, as one threshold in AP (as scikit-learn does for tied scores) and spread
-  uniformly within the bin along the retention curve (the expectation under random
-  tie-breaking). With ``e_b`` errors, ``c_b`` correct voxels and ``n_b = e_b + c_b`` voxels
-  in bin ``b`` (``C_tot = N - E``), their distance to the values on the raw scores is at most
+*   **Exact** (no binning error): ``num_voxels``, ``num_errors``, ``error_rate``; the
+    threshold sweep ``high_fraction`` / ``error_rate_high`` / ``error_rate_low`` (each
+    threshold is counted exactly, ``u > tau`` in the map's dtype); ECE and the reliability bins
+    (their own ``calibration_bins`` bins of confidence, with confidences summed in fixed point
+    with resolution ``2**-24``).
 
-  $$
-  |\Delta\,\text{AUROC}| \le \frac{1}{2} \frac{\sum_b e_b c_b}{E\, C_\text{tot}}
-      \le \frac{1}{2} \max_b \frac{c_b}{C_\text{tot}}
-      \quad (\text{reported as } \texttt{auroc\_max\_error}), \qquad
-  |\Delta R(k)| \le \max_b \frac{e_b}{E}, \qquad
-  |\Delta\,\text{AUC}_R| \le \sum_b \frac{n_b}{N} \frac{e_b}{E},
-  $$
+*   **Binned**: AUROC, average precision, the retention curve and its area and the ratio sweep
+    are exact for the uncertainty *quantised to its bin*, with ties (voxels in one bin) counted
+    as half in AUROC, as one threshold in AP (as scikit-learn does for tied scores) and spread
+    uniformly within the bin along the retention curve (the expectation under random
+    tie-breaking). With ``e_b`` errors, ``c_b`` correct voxels and ``n_b = e_b + c_b`` voxels
+    in bin ``b`` (``C_tot = N - E``), their distance to the values on the raw scores is at most
 
-  i.e. the mass of one bin: with the default 1000 bins and a map spread over ``[0, 1]`` these
-  are far below the sampling noise of any real data set. The ratio sweep's error rates inherit
-  the bound of ``R`` (times ``E / (r N)``), and ``ratio_thresholds`` is within one bin width
-  ``w`` of a threshold that selects the top ``r``. All values are computed in float64 (float32
-  on MPS).
+    $$
+    |\Delta\,\text{AUROC}| \le \frac{1}{2} \frac{\sum_b e_b c_b}{E\, C_\text{tot}}
+        \le \frac{1}{2} \max_b \frac{c_b}{C_\text{tot}}
+        \quad (\text{reported as } \texttt{auroc\_max\_error}), \qquad
+    |\Delta R(k)| \le \max_b \frac{e_b}{E}, \qquad
+    |\Delta\,\text{AUC}_R| \le \sum_b \frac{n_b}{N} \frac{e_b}{E},
+    $$
+
+    i.e. the mass of one bin: with the default 1000 bins and a map spread over ``[0, 1]`` these
+    are far below the sampling noise of any real data set. The ratio sweep's error rates
+    inherit the bound of ``R`` (times ``E / (r N)``), and ``ratio_thresholds`` is within one
+    bin width ``w`` of a threshold that selects the top ``r``. All values are computed in
+    float64 (float32 on MPS).
 
 Nothing in ``update`` synchronises with the host (bin indices by arithmetic, histograms by
 ``scatter_add_`` into preallocated tensors, value checks asynchronous on accelerators);
@@ -124,16 +125,17 @@ __all__ = [
     "error_detection_report",
 ]
 
-#: Everything ``thresholds`` / ``ratios`` accept: one number, a sequence or 1-D array, or
-#: ``None`` for the default grid.
 Grid = Union[float, Sequence[float], torch.Tensor, np.ndarray, None]
+"""Everything ``thresholds`` / ``ratios`` accept.
+
+One number, a sequence or 1-D array, or ``None`` for the default grid.
+"""
 
 # Confidences are summed as integers in units of 2**-24 (float32 resolution near 1), so the
 # calibration state is exact and independent of the batching, like the counts.
 _CONF_SCALE = 2**24
 _DEFAULT_GRID_POINTS = 21
 
-#: Keys of per-group quantities: each has a ``per_class`` counterpart with a leading class dim.
 _GROUP_KEYS = (
     "num_voxels",
     "num_errors",
@@ -157,6 +159,7 @@ _GROUP_KEYS = (
     "reliability_accuracy",
     "reliability_counts",
 )
+"""Keys of per-group quantities: each has a ``per_class`` counterpart with a leading class dim."""
 
 
 class ErrorDetectionReport(dict[str, Any]):
@@ -200,7 +203,7 @@ class ErrorDetectionReport(dict[str, Any]):
         reliability_counts: ``G + (M,)`` int64 voxels per bin.
         per_class: ``dict`` of the per-group keys above, each with the leading dim ``(C',)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from bual_losses.diagnostics import error_detection_report
         >>> probs = torch.tensor([[[0.2, 0.9, 0.7, 0.4]]])  # C == 1: P(foreground)
@@ -215,7 +218,7 @@ class ErrorDetectionReport(dict[str, Any]):
         Returns:
             A new ``dict`` with the same keys (``per_class`` as a nested ``dict``).
 
-        Example:
+        Examples:
             >>> import json, torch
             >>> from bual_losses.diagnostics import error_detection_report
             >>> probs = torch.tensor([[[0.2, 0.9]]])  # C == 1: foreground probabilities
@@ -370,7 +373,7 @@ class ErrorDetectionAccumulator:
     Raises:
         TypeError, ValueError: for a bad option, naming it (at construction).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from bual_losses.diagnostics import ErrorDetectionAccumulator
         >>> g = torch.Generator().manual_seed(0)
@@ -836,7 +839,7 @@ def error_detection_report(
     Raises:
         TypeError, ValueError: as the accumulator's constructor and ``update``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from bual_losses.diagnostics import error_detection_report
         >>> fg = torch.tensor([0.9, 0.6, 0.3, 0.1])  # P(class 1) at 4 voxels

@@ -4,7 +4,7 @@ Under data parallelism (DDP) every rank sees a shard of the batch. Most of this 
 per-voxel or per-sample and needs nothing, but a few quantities are *global* statistics of the
 batch, and computed per rank they silently change the loss:
 
-* the CE normaliser :math:`\sum_v w_v` of region-weighted cross-entropy;
+* the CE normaliser $\sum_v w_v$ of region-weighted cross-entropy;
 * batch Dice (``batch=True``), whose class sums run over the whole batch;
 * the mean over samples of per-sample Dice when ranks hold different batch sizes;
 * ratio thresholds over the batch (``RatioSchedule(..., per_sample=False)``);
@@ -12,14 +12,14 @@ batch, and computed per rank they silently change the loss:
 
 With ``sync_dist`` these are reduced over the ranks so that **every rank computes the value of
 the single-process loss on the concatenated batch**. The reduction of the loss statistics is
-differentiable: the backward of :func:`all_reduce_sum` all-reduces the incoming gradient, so
-with ``R`` ranks
+differentiable: the backward of [`all_reduce_sum`][bual_losses.distributed.all_reduce_sum]
+all-reduces the incoming gradient, so with $R$ ranks
 
-.. math::
-
-    \frac{\partial L_r}{\partial z_r} = R\,\frac{\partial L}{\partial z_r}
-    \qquad\Longrightarrow\qquad
-    \frac{1}{R}\sum_r \frac{\partial L_r}{\partial \theta} = \frac{\partial L}{\partial \theta},
+$$
+\frac{\partial L_r}{\partial z_r} = R\,\frac{\partial L}{\partial z_r}
+\qquad\Longrightarrow\qquad
+\frac{1}{R}\sum_r \frac{\partial L_r}{\partial \theta} = \frac{\partial L}{\partial \theta},
+$$
 
 i.e. after DDP averages the parameter gradients (it divides by ``R``) they equal the gradient
 of the single-process loss on the concatenated batch. (Formally each rank back-propagates the
@@ -52,9 +52,12 @@ __all__ = [
     "resolve_group",
 ]
 
-#: What every ``sync_dist`` option accepts: ``False`` (or ``None``): no synchronisation;
-#: ``True``: the default process group; a ``ProcessGroup``: that group.
 SyncDist = Union[bool, "ProcessGroup", None]
+"""What every ``sync_dist`` option accepts.
+
+``False`` (or ``None``): no synchronisation; ``True``: the default process group; a
+``ProcessGroup``: that group.
+"""
 
 
 def _is_process_group(value: Any) -> bool:
@@ -95,7 +98,7 @@ def resolve_group(sync_dist: SyncDist) -> Optional[ProcessGroup]:
             available in this PyTorch build or no process group has been initialised.
         ValueError: for a group this rank does not belong to.
 
-    Example:
+    Examples:
         >>> resolve_group(False) is None
         True
     """
@@ -146,10 +149,10 @@ class _AllReduceSum(torch.autograd.Function):
 def all_reduce_sum(tensor: torch.Tensor, group: SyncDist) -> torch.Tensor:
     r"""Differentiable sum of ``tensor`` over the ranks of ``group`` (a new tensor).
 
-    .. math::
-
-        y = \sum_{r} x_r, \qquad
-        \frac{\partial}{\partial x_r} = \sum_{r'} \bar y_{r'}
+    $$
+    y = \sum_{r} x_r, \qquad
+    \frac{\partial}{\partial x_r} = \sum_{r'} \bar y_{r'}
+    $$
 
     The backward all-reduces the incoming gradient: when every rank computes the same function
     of ``y`` (a loss on global statistics), each rank receives ``R`` times the gradient of that
@@ -169,9 +172,10 @@ def all_reduce_sum(tensor: torch.Tensor, group: SyncDist) -> torch.Tensor:
         to synchronise.
 
     Raises:
-        RuntimeError: as :func:`resolve_group` when ``group`` asks for a missing process group.
+        RuntimeError: as [`resolve_group`][bual_losses.distributed.resolve_group] when
+            ``group`` asks for a missing process group.
 
-    Example:
+    Examples:
         >>> counts = torch.tensor([3.0, 1.0])
         >>> all_reduce_sum(counts, False)  # single process: unchanged
         tensor([3., 1.])
@@ -196,7 +200,7 @@ def global_mean(total: torch.Tensor, count: int, group: SyncDist) -> torch.Tenso
     Returns:
         A 0-d tensor: the mean over all ranks' elements.
 
-    Example:
+    Examples:
         >>> global_mean(torch.tensor(3.0), 4, False)
         tensor(0.7500)
     """
@@ -228,7 +232,7 @@ def all_gather_variable(tensor: torch.Tensor, group: SyncDist) -> list[torch.Ten
         ``[x_0, ..., x_{R-1}]`` in rank order, ``x_r`` of shape ``(N_r, *rest)``; ``[tensor]``
         when there is nothing to synchronise.
 
-    Example:
+    Examples:
         >>> all_gather_variable(torch.arange(3), False)
         [tensor([0, 1, 2])]
     """

@@ -1,30 +1,36 @@
 r"""The fused region CE + Dice statistics: one autograd node, chunked, memory-light.
 
-:func:`fused_stats` returns the same :class:`~bual_losses.losses.RegionStats` as
-:func:`~bual_losses.losses.reference_stats`, so the loss is finished by the same code on both
+[`fused_stats`][bual_losses.fused.fused_stats] returns the same
+[`RegionStats`][bual_losses.losses.RegionStats] as ``reference_stats``, the reference
+implementation in [`bual_losses.losses`][], so the loss is finished by the same code on both
 paths. What differs is how the per-voxel work is done:
 
-* **forward** walks the voxels in chunks of about :data:`CHUNK_ELEMENTS` logits. Per chunk: one
-  softmax (binary logits use ``softmax([0, z]) = [1 - sigmoid(z), sigmoid(z)]``), the log-sum-exp
-  recovered from the softmax as ``lse = max_c z_c - log max_c p_c`` (exact and finite for logits
-  of any size, since ``max_c p_c >= 1/C``), and the sums of :class:`RegionStats` accumulated in
-  float32 (float64 for float64 logits). Nothing of size ``(B, C, *S)`` is kept: autograd saves
-  only the inputs (logits, target, weight) and per-sample scalars.
-* **backward** recomputes the softmax per chunk and writes the closed-form gradient straight into
-  one preallocated tensor. With ``h_c = dL/dp_c`` per unit weight,
+*   **forward** walks the voxels in chunks of about
+    [`CHUNK_ELEMENTS`][bual_losses.fused.CHUNK_ELEMENTS] logits. Per chunk: one softmax (binary
+    logits use ``softmax([0, z]) = [1 - sigmoid(z), sigmoid(z)]``), the log-sum-exp recovered
+    from the softmax as ``lse = max_c z_c - log max_c p_c`` (exact and finite for logits of any
+    size, since ``max_c p_c >= 1/C``), and the sums of
+    [`RegionStats`][bual_losses.losses.RegionStats] accumulated in float32 (float64 for float64
+    logits). Nothing of size ``(B, C, *S)`` is kept: autograd saves only the inputs (logits,
+    target, weight) and per-sample scalars.
 
-  .. math::
+*   **backward** recomputes the softmax per chunk and writes the closed-form gradient straight
+    into one preallocated tensor. With $h_c = \partial L / \partial p_c$ per unit weight,
 
-      \frac{\partial L}{\partial z_j} = w\Big[\bar g_{ce}\,(A\,p_j - a_j)
-          + p_j\big(h_j - \textstyle\sum_c p_c h_c\big)\Big],\qquad
-      h_c = \bar g_{I,c}\, g_c + k\,\bar g_{P,c}\, p_c^{k-1},
+    $$
+    \frac{\partial L}{\partial z_j} = w\Big[\bar g_{ce}\,(A\,p_j - a_j)
+        + p_j\big(h_j - \textstyle\sum_c p_c h_c\big)\Big],\qquad
+    h_c = \bar g_{I,c}\, g_c + k\,\bar g_{P,c}\, p_c^{k-1},
+    $$
 
-  where ``a_c = \omega_c g_c`` (class-weighted target), ``A = \sum_c a_c`` and the bars are the
-  incoming gradients of ``ce_num``, ``inter`` and ``pred``.
+    where $a_c = \omega_c g_c$ (class-weighted target), $A = \sum_c a_c$ and the bars are the
+    incoming gradients of ``ce_num``, ``inter`` and ``pred``.
 
 Uncertainty weights can be derived inside the node from the same softmax (normalised entropy
-``u = (lse - sum_c p_c z_c) / ln K``, then :class:`UncertaintyWeight`), so the labeled branch of
-:func:`~bual_losses.bidirectional_loss` needs no separate entropy map.
+``u = (lse - sum_c p_c z_c) / ln K``, then
+[`UncertaintyWeight`][bual_losses.fused.UncertaintyWeight]), so the labeled branch of
+[`bidirectional_loss`][bual_losses.bidirectional.bidirectional_loss] needs no separate entropy
+map.
 
 No ``.item()``, no host synchronisation and no data-dependent Python branches: chunk bounds come
 from shapes only, so the same code runs on CPU and CUDA.
@@ -41,16 +47,22 @@ from .losses import RegionStats, _Options, accumulation_dtype
 
 __all__ = ["ACCELERATOR_CHUNKS", "CHUNK_ELEMENTS", "UncertaintyWeight", "fused_stats"]
 
-#: Logits per chunk on the CPU (about 1 MiB of float32): small enough to stay in a core's L2
-#: cache with its temporaries, large enough that per-op overhead stays below the arithmetic
-#: (measured best of 2**14..2**19 on the 2D and 3D benchmark shapes).
 CHUNK_ELEMENTS = 1 << 18
+"""Logits per chunk on the CPU (about 1 MiB of float32).
 
-#: On accelerators the cost is the number of kernel launches, not cache misses: the voxels are
-#: cut into about this many chunks (each at least CHUNK_ELEMENTS), which bounds the temporaries
-#: to a fraction of the logits' size while keeping launches few. A first H200 run with CPU-sized
-#: chunks was launch-bound (benchmarks/results/cuda-2026-11-27.md).
+Small enough to stay in a core's L2 cache with its temporaries, large enough that per-op
+overhead stays below the arithmetic (measured best of $2^{14}$ to $2^{19}$ on the 2D and 3D
+benchmark shapes).
+"""
+
 ACCELERATOR_CHUNKS = 4
+"""About how many chunks the voxels are cut into on accelerators.
+
+On accelerators the cost is the number of kernel launches, not cache misses: each chunk holds
+at least [`CHUNK_ELEMENTS`][bual_losses.fused.CHUNK_ELEMENTS] logits, which bounds the
+temporaries to a fraction of the logits' size while keeping launches few. A first H200 run with
+CPU-sized chunks was launch-bound (``benchmarks/results/cuda-2026-11-27.md``).
+"""
 
 
 class UncertaintyWeight(NamedTuple):
@@ -59,10 +71,27 @@ class UncertaintyWeight(NamedTuple):
     ``w = base + scale * s`` with ``s = [u > threshold]`` (``temperature=None``) or
     ``sigmoid((u - threshold) / temperature)`` for ``side="high"``; for ``side="low"`` the
     complement ``[u <= threshold]`` or ``sigmoid((threshold - u) / temperature)`` (ties
-    ``u == threshold`` go to the low side, as in :mod:`bual_losses.regions`). The weight carries
+    ``u == threshold`` go to the low side, as in [`bual_losses.regions`][]). The weight carries
     no gradient.
 
-    ``threshold`` is a 0-d tensor or one value per sample, shape ``(B,)``.
+    Attributes:
+        threshold: the threshold of ``u``: a 0-d tensor or one value per sample, shape ``(B,)``.
+        side: ``"high"`` (the region ``u > threshold`` gets the extra weight) or ``"low"``
+            (``u <= threshold`` does).
+        base: the weight outside the region (``s = 0``).
+        scale: the weight added inside the region (``w = base + scale`` where ``s = 1``).
+        temperature: ``None`` for the hard indicator, else the temperature of the sigmoid.
+
+    Examples:
+        >>> import torch
+        >>> from bual_losses import UncertaintyWeight
+        >>> u, tau = torch.tensor([0.2, 0.5, 0.9]), torch.tensor(0.5)
+        >>> UncertaintyWeight(tau, side="high", base=1.0, scale=1.0)(u, tau)  # 1 + [u > tau]
+        tensor([1., 1., 2.])
+        >>> UncertaintyWeight(tau, side="low", base=0.0, scale=1.0)(u, tau)  # [u <= tau]
+        tensor([1., 1., 0.])
+        >>> UncertaintyWeight(tau, temperature=0.1).indicator(u, tau)  # sigmoid((u - tau) / T)
+        tensor([0.0474, 0.5000, 0.9820])
     """
 
     threshold: torch.Tensor
@@ -396,7 +425,7 @@ def fused_stats(
     opts: _Options,
     derived_weight: Optional[UncertaintyWeight] = None,
 ) -> tuple[RegionStats, torch.Tensor]:
-    """The statistics of :func:`~bual_losses.losses.reference_stats` in one autograd node.
+    """The statistics of ``reference_stats`` (the reference path) in one autograd node.
 
     ``derived_weight`` multiplies the region weight by a weight computed from the normalised
     entropy of ``logits`` inside the node (no separate uncertainty map, no gradient through it).

@@ -2,26 +2,30 @@ r"""Region-weighted cross-entropy + soft Dice: the reference implementation (the
 
 Every loss here is computed in two stages:
 
-1. **statistics** (:class:`RegionStats`): per-sample, per-class sums over the voxels,
+1. **statistics** ([`RegionStats`][bual_losses.losses.RegionStats]): per-sample, per-class
+    sums over the voxels,
 
-   .. math::
+    $$
+    \text{ce\_num}_b = \sum_v w_v \sum_c \omega_c\, g_{c,v}\,(-\log p_{c,v}),\qquad
+    \text{ce\_den}_b = \sum_v w_v \sum_c \omega_c\, g_{c,v},
+    $$
 
-       \text{ce\_num}_b = \sum_v w_v \sum_c \omega_c\, g_{c,v}\,(-\log p_{c,v}),\qquad
-       \text{ce\_den}_b = \sum_v w_v \sum_c \omega_c\, g_{c,v},
+    $$
+    I_{b,c} = \sum_v w_v\, p_{c,v}\, g_{c,v},\qquad
+    P_{b,c} = \sum_v w_v\, p_{c,v}^k,\qquad
+    G_{b,c} = \sum_v w_v\, g_{c,v}^k,
+    $$
 
-       I_{b,c} = \sum_v w_v\, p_{c,v}\, g_{c,v},\qquad
-       P_{b,c} = \sum_v w_v\, p_{c,v}^k,\qquad
-       G_{b,c} = \sum_v w_v\, g_{c,v}^k,
+    with region weight $w$, class weight $\omega$, probabilities $p$ (softmax, or
+    ``[1-sigmoid, sigmoid]`` for binary logits), target probabilities $g$ and $k = 2$ when
+    ``squared_pred`` else 1;
 
-   with region weight :math:`w`, class weight :math:`\omega`, probabilities :math:`p` (softmax,
-   or ``[1-sigmoid, sigmoid]`` for binary logits), target probabilities :math:`g` and
-   :math:`k = 2` when ``squared_pred`` else 1;
-2. **finishing** (:func:`_finish`): the loss from these few numbers (CE normalisation, Dice per
-   sample or over the batch, background exclusion, class weights, reduction).
+2. **finishing** (``_finish``): the loss from these few numbers (CE normalisation, Dice per
+    sample or over the batch, background exclusion, class weights, reduction).
 
-The reference computes the statistics with plain eager ops; :mod:`bual_losses.fused` computes the
-same statistics in one memory-light autograd node. Both share stage 2, so every option means the
-same thing on both paths.
+The reference computes the statistics with plain eager ops; [`bual_losses.fused`][] computes
+the same statistics in one memory-light autograd node. Both share stage 2, so every option
+means the same thing on both paths.
 """
 
 from __future__ import annotations
@@ -48,9 +52,6 @@ __all__ = [
 
 ClassWeight = Union[Sequence[float], torch.Tensor, None]
 
-#: Options that reproduce SSL4MIS's ``DiceLoss`` (``utils/losses.py``): batch Dice, squared
-#: denominator, background included, smoothing 1e-5, mean over classes. Use as
-#: ``region_dice_loss(logits, labels, **SSL4MIS_DICE)``.
 SSL4MIS_DICE: dict[str, Any] = {
     "batch": True,
     "squared_pred": True,
@@ -58,15 +59,62 @@ SSL4MIS_DICE: dict[str, Any] = {
     "smooth_nr": 1e-5,
     "smooth_dr": 1e-5,
 }
+"""Options that reproduce SSL4MIS's ``DiceLoss`` (``utils/losses.py``).
+
+Batch Dice, squared denominator, background included, smoothing 1e-5, mean over classes. Use
+as ``region_dice_loss(logits, labels, **SSL4MIS_DICE)``; every function and module that takes
+the Dice options accepts them.
+
+Examples:
+    >>> import torch
+    >>> from bual_losses import SSL4MIS_DICE, region_dice_loss
+    >>> SSL4MIS_DICE["batch"], SSL4MIS_DICE["squared_pred"], SSL4MIS_DICE["smooth_dr"]
+    (True, True, 1e-05)
+    >>> logits, labels = torch.randn(2, 4, 8, 8), torch.randint(0, 4, (2, 8, 8))
+    >>> region_dice_loss(logits, labels, **SSL4MIS_DICE).shape  # one Dice per class, batch
+    torch.Size([])
+"""
 
 _IMPLS = ("auto", "fused", "reference")
 
 
 class RegionStats(NamedTuple):
-    """Per-sample sums from which every region loss is finished (shapes ``(B,)`` / ``(B, K)``).
+    r"""Per-sample sums from which every region loss is finished (shapes ``(B,)`` / ``(B, K)``).
 
-    ``K`` is ``C`` for softmax logits and 2 (background, foreground) for binary logits.
-    ``ce_den`` and ``ground`` do not depend on the logits and carry no gradient.
+    ``K`` is ``C`` for softmax logits and 2 (background, foreground) for binary logits. The sums
+    run over the voxels $v$ of each sample with the voxel weight $w_v$ (the region weight, 0 at
+    ``ignore_index`` voxels), the class weights $\omega_c$, the probabilities $p_{c,v}$, the
+    target probabilities $g_{c,v}$ and $k = 2$ with ``squared_pred`` (else 1); see the module
+    docs. ``ce_den`` and ``ground`` do not depend on the logits and carry no gradient.
+
+    Attributes:
+        ce_num: ``(B,)`` numerator of the cross-entropy,
+            $\sum_v w_v \sum_c \omega_c\, g_{c,v}\,(-\log p_{c,v})$.
+        ce_den: ``(B,)`` its normaliser, the class-weighted size of the region,
+            $\sum_v w_v \sum_c \omega_c\, g_{c,v}$.
+        inter: ``(B, K)`` Dice intersection per class, $\sum_v w_v\, p_{c,v}\, g_{c,v}$.
+        pred: ``(B, K)`` predicted mass per class, $\sum_v w_v\, p_{c,v}^k$.
+        ground: ``(B, K)`` target mass per class, $\sum_v w_v\, g_{c,v}^k$.
+
+    Examples:
+        The sums written out for a batch without region weight (every voxel counts 1):
+
+        >>> import torch
+        >>> from bual_losses import RegionStats, region_ce_loss, region_dice_loss
+        >>> logits = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+        >>> labels = torch.randint(0, 3, (2, 8, 8))
+        >>> p = logits.softmax(1)
+        >>> g = torch.nn.functional.one_hot(labels, 3).movedim(-1, 1).double()
+        >>> stats = RegionStats(
+        ...     ce_num=-(g * p.log()).sum((1, 2, 3)), ce_den=g.sum((1, 2, 3)),
+        ...     inter=(p * g).sum((2, 3)), pred=p.sum((2, 3)), ground=g.sum((2, 3)),
+        ... )
+        >>> dice = 1 - (2 * stats.inter + 1e-5) / (stats.pred + stats.ground + 1e-5)
+        >>> bool(torch.allclose(dice.mean(), region_dice_loss(logits, labels)))
+        True
+        >>> ce = stats.ce_num.sum() / (stats.ce_den.sum() + 1e-8)
+        >>> bool(torch.allclose(ce, region_ce_loss(logits, labels)))
+        True
     """
 
     ce_num: torch.Tensor
@@ -231,7 +279,10 @@ def reference_stats(
     region_weight: Optional[torch.Tensor],
     opts: _Options,
 ) -> RegionStats:
-    """Stage 1 with plain eager ops; the oracle for :func:`bual_losses.fused.fused_stats`."""
+    """Stage 1 with plain eager ops; the oracle for the fused path.
+
+    [`fused_stats`][bual_losses.fused.fused_stats] must return the same statistics.
+    """
     dtype = accumulation_dtype(logits.dtype)
     logp = class_log_probs(logits.to(dtype), opts.activation)
     p = logp.exp()
@@ -428,13 +479,13 @@ def region_ce_dice_loss(
 ) -> torch.Tensor:
     r"""Region-weighted cross-entropy plus soft Dice, from logits.
 
-    .. math::
-
-        L = \lambda_{ce}\,\frac{\sum_v w_v\,\omega_{y_v}\,(-\log p_{y_v,v})}
-                              {\sum_v w_v\,\omega_{y_v} + \epsilon}
-          + \lambda_{dice}\,\operatorname{mean}_{b,c}\ \omega_c\Big(1 -
-            \frac{2\sum_v w_v p_{c,v} g_{c,v} + s_{nr}}
-                 {\sum_v w_v p_{c,v}^k + \sum_v w_v g_{c,v}^k + s_{dr}}\Big)
+    $$
+    L = \lambda_{ce}\,\frac{\sum_v w_v\,\omega_{y_v}\,(-\log p_{y_v,v})}
+                          {\sum_v w_v\,\omega_{y_v} + \epsilon}
+      + \lambda_{dice}\,\operatorname{mean}_{b,c}\ \omega_c\Big(1 -
+        \frac{2\sum_v w_v p_{c,v} g_{c,v} + s_{nr}}
+             {\sum_v w_v p_{c,v}^k + \sum_v w_v g_{c,v}^k + s_{dr}}\Big)
+    $$
 
     The activation (softmax, or sigmoid for binary ``C == 1`` logits) is applied before weighting;
     logits are never masked. With ``region_weight`` all ones the value equals MONAI's
@@ -470,20 +521,20 @@ def region_ce_dice_loss(
             MONAI; with ``include_background=False`` the first entry is dropped for Dice).
         ignore_index: a label value whose voxels are excluded from both terms (labels only).
         eps: keeps the CE normaliser away from 0; an empty region gives exactly 0.
-        impl: ``"fused"`` (one memory-light autograd node, :mod:`bual_losses.fused`),
+        impl: ``"fused"`` (one memory-light autograd node, [`bual_losses.fused`][]),
             ``"reference"`` (plain eager ops) or ``"auto"`` (the default implementation).
         validate: run the value checks (label range, finite logits, non-negative weights).
         sync_dist: ``False`` (default: this process's batch only, no collective), ``True`` (the
             default ``torch.distributed`` process group) or a ``ProcessGroup``: the CE
             normaliser, the batch-Dice class sums and the mean over per-sample Dice terms are
             summed over the ranks (differentiably), so every rank gets the loss of the
-            concatenated batch; see :mod:`bual_losses.distributed`. ``reduction="none"`` stays
-            per rank.
+            concatenated batch; see [`bual_losses.distributed`][]. ``reduction="none"``
+            stays per rank.
 
     Returns:
         A scalar tensor (``(B,)`` for ``reduction="none"``), float32 for half-precision logits.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from bual_losses import region_ce_dice_loss
         >>> logits = torch.randn(2, 3, 8, 8, requires_grad=True)
@@ -545,32 +596,34 @@ def region_ce_loss(
     validate: bool = True,
     sync_dist: SyncDist = False,
 ) -> torch.Tensor:
-    r"""Region-weighted cross-entropy: :math:`\sum_v w_v\,ce_v / (\sum_v w_v + \epsilon)`.
+    r"""Region-weighted cross-entropy: $\sum_v w_v\,ce_v / (\sum_v w_v + \epsilon)$.
 
     Exactly 0, with zero (finite) gradients, when the region is empty. With class weights the
     per-voxel CE and the normaliser are scaled by the weight of the voxel's class, as PyTorch's
     ``CrossEntropyLoss(weight=...)``.
 
     Args:
-        logits: ``(B, C, *S)``; see :func:`region_ce_dice_loss`.
-        target: labels or per-class probabilities; see :func:`region_ce_dice_loss`.
+        logits: ``(B, C, *S)``; see
+            [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss].
+        target: labels or per-class probabilities; see
+            [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss].
         region_weight: ``(B, *S)`` / ``(B, 1, *S)`` non-negative weights, or ``None``.
-        softmax: see :func:`region_ce_dice_loss`.
-        sigmoid: see :func:`region_ce_dice_loss`.
-        reduction: ``"mean"`` (normalised as above), ``"sum"`` (:math:`\sum_v w_v ce_v`) or
+        softmax: see [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss].
+        sigmoid: see [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss].
+        reduction: ``"mean"`` (normalised as above), ``"sum"`` ($\sum_v w_v ce_v$) or
             ``"none"`` (per-sample normalised CE, shape ``(B,)``).
-        class_weight: see :func:`region_ce_dice_loss`.
-        ignore_index: see :func:`region_ce_dice_loss`.
-        eps: see :func:`region_ce_dice_loss`.
-        impl: see :func:`region_ce_dice_loss`.
-        validate: see :func:`region_ce_dice_loss`.
+        class_weight: see [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss].
+        ignore_index: see [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss].
+        eps: see [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss].
+        impl: see [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss].
+        validate: see [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss].
         sync_dist: normalise by the weight of all ranks' batches (see
-            :func:`region_ce_dice_loss`).
+            [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss]).
 
     Returns:
         A scalar tensor, or ``(B,)`` for ``reduction="none"``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from bual_losses import region_ce_loss
         >>> logits = torch.zeros(1, 2, 2, 2)
@@ -617,10 +670,10 @@ def region_dice_loss(
 ) -> torch.Tensor:
     r"""Region-weighted soft Dice loss per class.
 
-    .. math::
-
-        D_c = 1 - \frac{2\sum_v w_v p_{c,v} g_{c,v} + s_{nr}}
-                       {\sum_v w_v p_{c,v}^k + \sum_v w_v g_{c,v}^k + s_{dr}}
+    $$
+    D_c = 1 - \frac{2\sum_v w_v p_{c,v} g_{c,v} + s_{nr}}
+                   {\sum_v w_v p_{c,v}^k + \sum_v w_v g_{c,v}^k + s_{dr}}
+    $$
 
     summed over the spatial dims (and the batch with ``batch=True``). A term whose denominator
     is exactly 0 (empty region or absent class with ``smooth_dr = 0``) is 0; otherwise the
@@ -628,12 +681,14 @@ def region_dice_loss(
     predictions gives about 1, as in MONAI). Never NaN.
 
     Args:
-        logits: ``(B, C, *S)``; see :func:`region_ce_dice_loss`.
-        target: labels or per-class probabilities; see :func:`region_ce_dice_loss`.
+        logits: ``(B, C, *S)``; see
+            [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss].
+        target: labels or per-class probabilities; see
+            [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss].
         region_weight: ``(B, *S)`` / ``(B, 1, *S)`` non-negative weights, or ``None``.
         include_background: keep class 0.
-        softmax: see :func:`region_ce_dice_loss`.
-        sigmoid: see :func:`region_ce_dice_loss`.
+        softmax: see [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss].
+        sigmoid: see [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss].
         squared_pred: squares in the denominator (``k = 2``).
         smooth_nr: numerator smoothing.
         smooth_dr: denominator smoothing.
@@ -642,15 +697,16 @@ def region_dice_loss(
             ``batch=True``; ``K`` counts the classes kept).
         class_weight: multiplies each class's term (MONAI's ``weight``).
         ignore_index: label value excluded from the sums.
-        impl: see :func:`region_ce_dice_loss`.
-        validate: see :func:`region_ce_dice_loss`.
+        impl: see [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss].
+        validate: see [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss].
         sync_dist: batch-Dice class sums / the mean over samples over all ranks (see
-            :func:`region_ce_dice_loss`); ``reduction="none"`` stays per rank.
+            [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss]);
+            ``reduction="none"`` stays per rank.
 
     Returns:
         A scalar tensor, or the per-class terms for ``reduction="none"``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from bual_losses import region_dice_loss, SSL4MIS_DICE
         >>> logits = torch.randn(2, 4, 16, 16)

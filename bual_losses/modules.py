@@ -31,9 +31,11 @@ def _class_weight_buffer(class_weight: ClassWeight) -> Optional[torch.Tensor]:
 
 
 class RegionCEDiceLoss(nn.Module):
-    """Module form of :func:`~bual_losses.region_ce_dice_loss` (same options, same defaults).
+    """Module form of [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss].
 
-    Example:
+    Same options, same defaults; they are checked here, at construction.
+
+    Examples:
         >>> import torch
         >>> from bual_losses import RegionCEDiceLoss
         >>> loss_fn = RegionCEDiceLoss(include_background=False, class_weight=[1.0, 2.0, 2.0])
@@ -70,9 +72,11 @@ class RegionCEDiceLoss(nn.Module):
 
 
 class BidirectionalLoss(nn.Module):
-    """Module form of :func:`~bual_losses.bidirectional_loss` (same options, same defaults).
+    """Module form of [`bidirectional_loss`][bual_losses.bidirectional.bidirectional_loss].
 
-    Example:
+    Same options, same defaults; they are checked here, at construction.
+
+    Examples:
         >>> import torch
         >>> from bual_losses import BidirectionalLoss
         >>> loss_fn = BidirectionalLoss(total_steps=1000, alpha=1.0)

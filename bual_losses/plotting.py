@@ -140,7 +140,7 @@ def plot_retention_curve(
         TypeError, ValueError: ``report`` is not a report, or ``class_names`` has the wrong
             length.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from bual_losses.diagnostics import error_detection_report
         >>> from bual_losses.plotting import plot_retention_curve
@@ -211,7 +211,7 @@ def plot_error_rate_vs_threshold(
         ImportError: without matplotlib.
         TypeError, ValueError: a bad ``report``, ``sweep`` or ``class_names``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from bual_losses.diagnostics import error_detection_report
         >>> from bual_losses.plotting import plot_error_rate_vs_threshold
@@ -283,7 +283,7 @@ def plot_reliability_diagram(
         ImportError: without matplotlib.
         TypeError, ValueError: ``report`` is not a report.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from bual_losses.diagnostics import error_detection_report
         >>> from bual_losses.plotting import plot_reliability_diagram
@@ -343,7 +343,7 @@ def plot_error_detection_report(
         ImportError: without matplotlib.
         TypeError, ValueError: as the three functions.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from bual_losses.diagnostics import error_detection_report
         >>> from bual_losses.plotting import plot_error_detection_report
@@ -423,7 +423,7 @@ def plot_error_overlay(
         TypeError: an argument is not a tensor / array.
         ValueError: an argument is not one 2-D slice, or the shapes differ.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from bual_losses.plotting import plot_error_overlay
         >>> label = np.zeros((8, 8), dtype=int)

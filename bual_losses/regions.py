@@ -62,8 +62,8 @@ __all__ = [
     "valid_mask",
 ]
 
-#: Everything a region function accepts as ``threshold``.
 Threshold = Union[float, torch.Tensor, Schedule, RatioSchedule]
+"""Everything a region function accepts as ``threshold``."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,7 +247,7 @@ def resolve_threshold(
             Python ratio outside ``[0, 1]``.
         RuntimeError: for ``sync_dist`` without an initialised process group.
 
-    Example:
+    Examples:
         >>> u = torch.tensor([[0.1, 0.7], [0.4, 0.2]])
         >>> resolve_threshold(u, torch.tensor([0.5, 0.3]))
         tensor([[0.5000],
@@ -307,7 +307,7 @@ def ratio_threshold(
         ValueError: for a Python ``ratio`` outside ``[0, 1]`` or a non-0-d tensor ratio.
         RuntimeError: for ``sync_dist`` without an initialised process group.
 
-    Example:
+    Examples:
         >>> u = torch.tensor([[0.9, 0.1, 0.5, 0.3]])
         >>> ratio_threshold(u, 0.5)  # top 2 = {0.9, 0.5}
         tensor([[0.3000]])
@@ -354,7 +354,7 @@ def high_uncertainty_mask(
         TypeError, ValueError: as [`resolve_threshold`][bual_losses.regions.resolve_threshold];
             ``ValueError`` for NaN/Inf values when ``validate`` is on (on CPU).
 
-    Example:
+    Examples:
         >>> u = torch.tensor([[0.1, 0.5, 0.9, 0.3]])
         >>> high_uncertainty_mask(u, 0.5)  # 0.5 itself is low
         tensor([[False, False,  True, False]])
@@ -397,7 +397,7 @@ def low_uncertainty_mask(
         TypeError, ValueError: as
             [`high_uncertainty_mask`][bual_losses.regions.high_uncertainty_mask].
 
-    Example:
+    Examples:
         >>> u = torch.tensor([[0.1, 0.5, 0.9, 0.3]])
         >>> low_uncertainty_mask(u, 0.5)
         tensor([[ True,  True, False,  True]])
@@ -446,7 +446,7 @@ def soft_uncertainty_weight(
         ValueError: for ``temperature <= 0`` or non-finite, or as
             [`resolve_threshold`][bual_losses.regions.resolve_threshold].
 
-    Example:
+    Examples:
         >>> u = torch.tensor([[0.0, 0.5, 1.0]])
         >>> soft_uncertainty_weight(u, 0.5, temperature=0.1)
         tensor([[0.0067, 0.5000, 0.9933]])
@@ -482,7 +482,7 @@ def valid_mask(target: ArrayLike, *, ignore_index: Optional[int] = None) -> Arra
     Raises:
         TypeError: if ``target`` is not an array or ``ignore_index`` is not an int.
 
-    Example:
+    Examples:
         >>> valid_mask(torch.tensor([[0, 255, 2]]), ignore_index=255)
         tensor([[ True, False,  True]])
         >>> valid_mask(torch.tensor([[0, 255, 2]]))
@@ -521,7 +521,7 @@ def region_fraction(
         ValueError: if ``per_sample`` is requested for a 0-d mask.
         RuntimeError: for ``sync_dist`` without an initialised process group.
 
-    Example:
+    Examples:
         >>> mask = torch.tensor([[True, False], [True, True]])
         >>> region_fraction(mask)
         tensor(0.7500)

@@ -51,12 +51,14 @@ __all__ = [
     "uamt_threshold_schedule",
 ]
 
-#: A step or a scheduled value: a Python number or a tensor.
 Numeric = Union[int, float, torch.Tensor]
+"""A step or a scheduled value: a Python number or a tensor."""
 
-#: The one schedule type: a callable of the step. Python number in -> Python float out;
-#: tensor in -> tensor out on the same device.
 Schedule = Callable[[Numeric], Numeric]
+"""The one schedule type: a callable of the step.
+
+Python number in -> Python float out; tensor in -> tensor out on the same device.
+"""
 
 _RAMP_KINDS = ("sigmoid", "linear")
 _BASES = ("normalized", "ln2", "lnC")
@@ -153,7 +155,7 @@ def sigmoid_rampup(step: Numeric, length: float) -> Numeric:
     Raises:
         ValueError: if ``length`` is negative or not finite.
 
-    Example:
+    Examples:
         >>> round(sigmoid_rampup(50, 100), 6)  # exp(-1.25)
         0.286505
         >>> sigmoid_rampup(torch.tensor([0.0, 100.0, 200.0]), 100)
@@ -185,7 +187,7 @@ def linear_rampup(step: Numeric, length: float) -> Numeric:
     Raises:
         ValueError: if ``length`` is negative or not finite.
 
-    Example:
+    Examples:
         >>> linear_rampup(25, 100)
         0.25
         >>> linear_rampup(torch.tensor([-5, 50, 500]), 100)
@@ -222,7 +224,7 @@ def cosine_rampdown(step: Numeric, length: float) -> Numeric:
     Raises:
         ValueError: if ``length`` is negative or not finite.
 
-    Example:
+    Examples:
         >>> cosine_rampdown(50, 100)
         0.5
         >>> cosine_rampdown(torch.tensor([0.0, 100.0, 150.0]), 100)
@@ -260,7 +262,7 @@ def constant_schedule(value: float) -> Schedule:
         TypeError: if ``value`` is not a number.
         ValueError: if ``value`` is not finite.
 
-    Example:
+    Examples:
         >>> schedule = constant_schedule(0.1)
         >>> schedule(7)
         0.1
@@ -291,7 +293,7 @@ def linear_schedule(init_value: float, end_value: float, transition_steps: float
         TypeError: if an argument is not a number.
         ValueError: if a value is not finite or ``transition_steps`` is negative.
 
-    Example:
+    Examples:
         >>> schedule = linear_schedule(1.0, 0.0, transition_steps=10)
         >>> schedule(5), schedule(20)
         (0.5, 0.0)
@@ -328,7 +330,7 @@ def cosine_schedule(init_value: float, end_value: float, decay_steps: float) -> 
         TypeError: if an argument is not a number.
         ValueError: if a value is not finite or ``decay_steps`` is negative.
 
-    Example:
+    Examples:
         >>> schedule = cosine_schedule(1.0, 0.2, decay_steps=100)
         >>> schedule(0), round(schedule(50), 6), schedule(100)
         (1.0, 0.6, 0.2)
@@ -369,7 +371,7 @@ def rampup_schedule(
         TypeError: if ``peak`` or ``length`` is not a number.
         ValueError: for a non-finite ``peak``, a negative ``length`` or an unknown ``kind``.
 
-    Example:
+    Examples:
         >>> weight = rampup_schedule(0.1, 200, kind="linear")
         >>> weight(50)
         0.025
@@ -450,7 +452,7 @@ def uamt_threshold_schedule(
         ValueError: for a negative ``total_steps``, an unknown or non-positive ``base``,
             ``num_classes < 2``, or ``base="lnC"`` without ``num_classes``.
 
-    Example:
+    Examples:
         >>> threshold = uamt_threshold_schedule(6000, base="ln2")
         >>> round(threshold(0), 6)  # (0.75 + 0.25 * exp(-5)) * ln 2
         0.521028
@@ -494,7 +496,7 @@ class RatioSchedule:
         TypeError: if ``ratio`` is neither a number nor callable, or ``per_sample`` is not bool.
         ValueError: if a constant ``ratio`` lies outside ``[0, 1]``.
 
-    Example:
+    Examples:
         >>> top = RatioSchedule(0.2)
         >>> top(100), top.per_sample
         (0.2, True)
@@ -546,7 +548,7 @@ def ratio_schedule(ratio: Union[float, Schedule], *, per_sample: bool = True) ->
         TypeError: if ``ratio`` is neither a number nor a schedule.
         ValueError: if a constant ``ratio`` lies outside ``[0, 1]``.
 
-    Example:
+    Examples:
         >>> ratio = ratio_schedule(linear_schedule(0.5, 0.1, 1000), per_sample=False)
         >>> ratio(500), ratio.per_sample
         (0.3, False)
@@ -573,7 +575,7 @@ def as_schedule(value: Union[float, Schedule], *, name: str = "value") -> Schedu
         TypeError: if ``value`` is neither a number nor callable.
         ValueError: if a number is not finite.
 
-    Example:
+    Examples:
         >>> as_schedule(0.5)(10)
         0.5
         >>> ramp = rampup_schedule(1.0, 10)

@@ -139,7 +139,7 @@ def entropy_map(
         ValueError: ``x`` has fewer than 2 dims or no class along ``dim``, ``dim`` is out of
             range, or ``eps`` is not > 0.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from bual_losses.uncertainty import entropy_map
         >>> probs = torch.tensor([[0.25, 1.0], [0.25, 0.0], [0.5, 0.0]]).reshape(1, 3, 2)
@@ -203,6 +203,16 @@ class UncertaintyEstimate(NamedTuple):
             clamped at 0 because rounding can make it slightly negative where passes agree.
         variance: ``(B, C', *S)`` per-class population variance of the probabilities over the
             passes (divided by ``T``, not ``T - 1``; 0 for a single pass).
+
+    Examples:
+        >>> import torch
+        >>> from bual_losses import ensemble_uncertainty
+        >>> est = ensemble_uncertainty([torch.randn(2, 3, 8, 8) for _ in range(4)])
+        >>> est.mean_probs.shape, est.predictive_entropy.shape, est.variance.shape
+        (torch.Size([2, 3, 8, 8]), torch.Size([2, 8, 8]), torch.Size([2, 3, 8, 8]))
+        >>> h, h_exp, mi = est.predictive_entropy, est.expected_entropy, est.mutual_information
+        >>> bool(torch.allclose(h, h_exp + mi, atol=1e-6))  # total = aleatoric + epistemic
+        True
     """
 
     mean_probs: torch.Tensor
@@ -322,7 +332,7 @@ def ensemble_uncertainty(
         ValueError: no member, a member that is not ``(B, C, *S)``, or a member whose shape or
             device differs from the first one (the message names its index).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from bual_losses.uncertainty import ensemble_uncertainty
         >>> agree = torch.tensor([0.9, 0.1]).reshape(1, 2, 1)
@@ -437,7 +447,7 @@ def mc_dropout_uncertainty(
             ``batch_repeats``, ``noise_std`` < 0, ``noise_clip`` <= 0, or a model output that
             is not ``(batch_repeats * B, C, *S)`` or changes shape between passes.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from bual_losses.uncertainty import mc_dropout_uncertainty

@@ -6,12 +6,14 @@
 * every public name of ``bual_losses.__all__`` (and of the public submodules' ``__all__``) has
   an entry in the API reference;
 * every guide script runs a couple of steps (``--steps 2``) in a subprocess;
-* the docstring examples of every public module and the ``pycon`` examples of the pages run as
-  doctests.
+* the docstring examples of every public module (module attributes included) and the ``pycon``
+  examples of the pages run as doctests;
+* the package's docstrings are Markdown (no reStructuredText: the docs build converts nothing).
 """
 
 from __future__ import annotations
 
+import ast
 import doctest
 import importlib
 import os
@@ -234,22 +236,63 @@ def test_every_public_name_has_an_example() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# the docs-side docstring conversion (docs/_ext/griffe_rst.py)
+# docstring conventions: Markdown, rendered as written (the docs build converts nothing)
+
+_RST_IDIOMS = re.compile(
+    r"^[ \t]*\.\. [\w-]+::"  # a directive such as ``.. math::``
+    r"|:(?:py:)?(?:func|class|mod|meth|attr|data|obj|exc|math):`"  # a role
+    r"|^[ \t]*#:"  # a Sphinx attribute comment, which griffe does not read
+    r"|^[ \t]*Example:[ \t]*$",  # an admonition, not the ``Examples:`` section of doctests
+    re.MULTILINE,
+)
 
 
-def _griffe_rst() -> Any:
-    sys.path.insert(0, str(DOCS / "_ext"))
-    try:
-        return importlib.import_module("griffe_rst")
-    finally:
-        sys.path.pop(0)
+def test_docstrings_are_markdown() -> None:
+    """No reStructuredText in the package: maths is ``$...$`` / ``$$``, references are
+    ``[name][bual_losses.module.name]``, attributes are documented by a string right after the
+    assignment, and doctests sit in ``Examples:`` sections (else they render as block quotes)."""
+    problems = []
+    for path in sorted((ROOT / "bual_losses").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        for match in _RST_IDIOMS.finditer(text):
+            line = text[: match.start()].count("\n") + 1
+            problems.append(f"bual_losses/{path.name}:{line}: {match.group(0).strip()!r}")
+    assert not problems, "reStructuredText idioms in docstrings:\n" + "\n".join(problems)
 
 
-def test_rst_math_and_doctests_become_markdown() -> None:
-    rst = _griffe_rst()
-    text = "Intro.\n\n.. math::\n\n    a = b\n\n    c = d\n\nAfter.\n\n>>> 1 + 1\n2\n"
-    out = rst.fence_doctests(rst.convert_math_blocks(text))
-    expected = "Intro.\n\n$$\na = b\n$$\n\n$$\nc = d\n$$\n\nAfter.\n\n```pycon\n>>> 1 + 1\n2\n```"
-    assert out == expected
-    # list continuations are indented to 4 columns, so nested blocks stay in the item
-    assert rst.widen_lists("1. a\n   b\n2. c") == "1. a\n    b\n2. c"
+def _attribute_docstrings(module: Any) -> list[tuple[str, str, int]]:
+    """``(name, docstring, line)`` of each module-level assignment followed by a string: the
+    attribute docstrings griffe renders, which ``doctest`` does not collect."""
+    body = ast.parse(Path(module.__file__).read_text(encoding="utf-8")).body
+    found = []
+    for stmt, after in zip(body, body[1:]):
+        if isinstance(stmt, ast.AnnAssign):
+            target: Any = stmt.target
+        elif isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
+            target = stmt.targets[0]
+        else:
+            continue
+        if (
+            isinstance(target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            found.append((target.id, after.value.value, after.lineno))
+    return found
+
+
+def test_attribute_docstring_examples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The examples in the docstrings of module attributes (``SSL4MIS_DICE``, ...) run too."""
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    parser = doctest.DocTestParser()
+    tests = []
+    for module_name in PUBLIC_MODULES:
+        module = importlib.import_module(module_name)
+        for name, text, line in _attribute_docstrings(module):
+            globs = dict(vars(module))
+            test = parser.get_doctest(text, globs, f"{module_name}.{name}", module.__file__, line)
+            tests += [test] if test.examples else []
+    assert any(t.name == "bual_losses.losses.SSL4MIS_DICE" for t in tests)
+    failures = _run(tests)
+    assert not failures, failures
