@@ -1,0 +1,473 @@
+"""Data for the example trainer: the MNI ICBM152 2009a template, or a user's NIfTI / HDF5 files.
+
+Everything becomes 2D slices ``(N, 1, H, W)`` float32 (intensity-normalised per slice) with
+integer labels ``(N, H, W)``, split into labeled, unlabeled, validation and test sets that never
+share a slice (and, where slices come from one volume, are separated by gaps of unused slices).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import re
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MNI_FILE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
+MNI_CLASSES = ("background/CSF", "grey matter", "white matter")
+MNI_SHAPE = (197, 233, 189)
+
+
+class DataError(ValueError):
+    """A problem with the input files, with a message that names the file and the fix."""
+
+
+@dataclasses.dataclass
+class SliceData:
+    """The four splits as tensors: images ``(N, 1, H, W)`` float32, labels ``(N, H, W)`` int64.
+
+    ``unlabeled_y`` holds the hidden labels of the unlabeled slices: only the fully supervised
+    upper bound and the diagnostics read them.
+    """
+
+    labeled_x: torch.Tensor
+    labeled_y: torch.Tensor
+    unlabeled_x: torch.Tensor
+    unlabeled_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    class_names: tuple[str, ...]
+    spacing: tuple[float, float]  # mm per pixel (rows, cols), for the Hausdorff distance
+    description: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def summary(self) -> str:
+        size = tuple(self.labeled_x.shape[-2:])
+        return (
+            f"{self.description}: slices {size[0]}x{size[1]} px "
+            f"({self.spacing[0]:g}x{self.spacing[1]:g} mm), {len(self.labeled_x)} labeled, "
+            f"{len(self.unlabeled_x)} unlabeled, {len(self.val_x)} validation, "
+            f"{len(self.test_x)} test; classes {', '.join(self.class_names)}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# slice utilities
+
+
+def normalize_slices(x: np.ndarray) -> np.ndarray:
+    """Per-slice percentile scaling: the 1st percentile -> 0, the 99th -> 1, then clipped.
+
+    ``x`` is ``(N, H, W)``; constant slices become all zeros.
+    """
+    x = x.astype(np.float32)
+    lo = np.percentile(x, 1, axis=(1, 2), keepdims=True)
+    hi = np.percentile(x, 99, axis=(1, 2), keepdims=True)
+    scale = np.where(hi - lo > 1e-8, hi - lo, 1.0)
+    return np.clip((x - lo) / scale, -0.5, 1.5).astype(np.float32)
+
+
+def resize_slices(
+    image: np.ndarray, label: np.ndarray, size: tuple[int, int], num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize ``(N, H, W)`` images (area / bilinear) and labels (one-hot area average + argmax)."""
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[:, None]
+    y = torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64))
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x, y
+    shrink = x.shape[-2] >= size[0] and x.shape[-1] >= size[1]
+    mode = "area" if shrink else "bilinear"
+    kwargs = {} if shrink else {"align_corners": False}
+    x = F.interpolate(x, size=size, mode=mode, **kwargs)
+    onehot = F.one_hot(y, num_classes).permute(0, 3, 1, 2).float()
+    y = F.interpolate(onehot, size=size, mode=mode, **kwargs).argmax(dim=1)
+    return x, y
+
+
+def center_crop_or_pad(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Crop (or zero-pad) the last two dims symmetrically to ``size``."""
+    h, w = x.shape[-2:]
+    th, tw = size
+    if h < th or w < tw:
+        ph, pw = max(th - h, 0), max(tw - w, 0)
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        h, w = x.shape[-2:]
+    top, left = (h - th) // 2, (w - tw) // 2
+    return x[..., top : top + th, left : left + tw]
+
+
+def spread_indices(n: int, k: int) -> list[int]:
+    """``k`` indices spread evenly over ``range(n)`` (centres of ``k`` equal parts)."""
+    if k > n:
+        raise DataError(f"asked for {k} labeled slices but the training set has only {n}.")
+    return [int((i + 0.5) * n / k) for i in range(k)]
+
+
+def _require_unlabeled(unlabeled: list[int], n: int, gap: int) -> None:
+    if not unlabeled:
+        raise DataError(
+            f"no unlabeled slices left: the training set has {n} slices and a gap of {gap} "
+            "slices around each labeled one removes them all; use a smaller --gap or fewer "
+            "--labeled slices."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# MNI ICBM152
+
+
+def mni_dir() -> Path:
+    """The nilearn wheel's template folder, found without importing nilearn."""
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "the default data needs the nilearn wheel (it ships the MNI ICBM152 template): "
+            "`pip install --no-deps nilearn`, or pass --nifti-dir / --h5-dir."
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
+    for kind in ("t1", "gm", "wm"):
+        if not (folder / MNI_FILE.format(kind)).is_file():
+            raise DataError(f"missing MNI template file {folder / MNI_FILE.format(kind)}.")
+    return folder
+
+
+def load_mni(z_range: Optional[tuple[int, int]] = None) -> tuple[np.ndarray, np.ndarray]:
+    """T1 in ``[0, 1]`` and labels ``argmax(1 - gm - wm, gm, wm)``, ``(197, 233, Z)``.
+
+    ``z_range = (start, stop)`` reads only those axial slices (all 189 by default).
+    """
+    import nibabel as nib
+
+    folder = mni_dir()
+    z = slice(*z_range) if z_range else slice(None)
+    vol = {}
+    for kind in ("t1", "gm", "wm"):
+        proxy = nib.load(folder / MNI_FILE.format(kind)).dataobj
+        vol[kind] = np.asarray(proxy[:, :, z], dtype=np.float32) / np.float32(255.0)
+    label = np.where(vol["wm"] > vol["gm"], 2, 1)
+    label = np.where(1.0 - vol["gm"] - vol["wm"] >= np.maximum(vol["gm"], vol["wm"]), 0, label)
+    return vol["t1"], label.astype(np.int64)
+
+
+def corrupt_volume(
+    image: np.ndarray,
+    seed: int,
+    *,
+    strength: float = 1.0,
+    full_shape: Optional[tuple[int, int, int]] = None,
+    z_offset: int = 0,
+) -> np.ndarray:
+    """A realistic acquisition corruption, the same for every slice of the volume.
+
+    A smooth multiplicative bias field (exp of a random quadratic polynomial of the position,
+    about +-20%), a gamma change (``x ** 1.3``) and Rician noise (std 4% of the maximum).
+    ``strength = 0`` returns the image unchanged. For a slab ``image`` of a larger volume,
+    ``full_shape`` and ``z_offset`` place it, so the field is the one of the whole volume.
+    """
+    if strength == 0:
+        return image
+    rng = np.random.default_rng(seed)
+    shape = full_shape or image.shape
+    axes = [np.linspace(-1, 1, n, dtype=np.float32) for n in shape]
+    axes[2] = axes[2][z_offset : z_offset + image.shape[2]]
+    gx, gy, gz = np.meshgrid(*axes, indexing="ij", sparse=True)
+    terms = [gx, gy, gz, gx * gx, gy * gy, gz * gz, gx * gy, gy * gz]
+    coeffs = rng.normal(0.0, 0.12 * strength, size=len(terms)).astype(np.float32)
+    log_field = sum(c * t for c, t in zip(coeffs, terms))
+    x = np.clip(image, 0, None) ** np.float32(1.0 + 0.3 * strength) * np.exp(log_field)
+    sigma = np.float32(0.04 * strength)  # the template's maximum is 1
+    noise = rng.standard_normal((2, *x.shape), dtype=np.float32) * sigma
+    return np.sqrt((x + noise[0]) ** 2 + noise[1] ** 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlabSplit:
+    """Axial slab ranges ``[start, stop)`` of the MNI volume."""
+
+    train: tuple[int, int] = (30, 110)
+    val: tuple[int, int] = (114, 121)
+    test: tuple[int, int] = (125, 150)
+    gap: int = 3  # slices left out on each side of a labeled slice
+
+
+def mni_data(
+    *,
+    labeled: int = 2,
+    size: tuple[int, int] = (96, 112),
+    downsample: int = 2,
+    split: SlabSplit = SlabSplit(),
+    corruption: float = 1.0,
+    data_seed: int = 0,
+) -> SliceData:
+    """Axial slices of the MNI ICBM152 2009a T1 with background/CSF, GM, WM labels."""
+    starts = [split.train, split.val, split.test]
+    for (a0, a1), (b0, b1) in zip(starts, starts[1:]):
+        if not (0 <= a0 < a1 <= b0 < b1 <= MNI_SHAPE[2]):
+            raise DataError(f"slabs must be ordered and disjoint inside the volume, got {split}.")
+    z0, z1 = split.train[0], split.test[1]
+    image, label = load_mni((z0, z1))
+    image = corrupt_volume(image, data_seed, strength=corruption, full_shape=MNI_SHAPE,
+                           z_offset=z0)  # fmt: skip
+    # axial slices: (X, Y, Z) -> (Z, Y, X) so rows run anterior-posterior; flip for display.
+    image = np.flip(image.transpose(2, 1, 0), axis=1)
+    label = np.flip(label.transpose(2, 1, 0), axis=1)
+    h, w = image.shape[1] // downsample, image.shape[2] // downsample
+
+    def take(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = lo - z0, hi - z0
+        x, y = resize_slices(normalize_slices(image[lo:hi]), label[lo:hi], (h, w), 3)
+        return center_crop_or_pad(x, size), center_crop_or_pad(y, size)
+
+    train_x, train_y = take(*split.train)
+    lab_idx = spread_indices(len(train_x), labeled)
+    unl_idx = [i for i in range(len(train_x)) if min(abs(i - j) for j in lab_idx) > split.gap]
+    _require_unlabeled(unl_idx, len(train_x), split.gap)
+    val_x, val_y = take(*split.val)
+    test_x, test_y = take(*split.test)
+    return SliceData(
+        labeled_x=train_x[lab_idx], labeled_y=train_y[lab_idx],
+        unlabeled_x=train_x[unl_idx], unlabeled_y=train_y[unl_idx],
+        val_x=val_x, val_y=val_y, test_x=test_x, test_y=test_y,
+        class_names=MNI_CLASSES, spacing=(float(downsample), float(downsample)),
+        description=(
+            f"MNI ICBM152 2009a T1 (corruption {corruption:g}), axial train slab "
+            f"{split.train[0]}..{split.train[1] - 1} (labeled z = "
+            f"{', '.join(str(split.train[0] + i) for i in lab_idx)}), "
+            f"val {split.val[0]}..{split.val[1] - 1}, test {split.test[0]}..{split.test[1] - 1}"
+        ),
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# users' data: NIfTI folders and SSL4MIS-style HDF5
+
+
+def _check_labels(label: np.ndarray, source: str) -> np.ndarray:
+    if label.dtype.kind == "f":
+        if not np.all(np.isfinite(label)) or not np.all(label == np.round(label)):
+            bad = label[~(np.isfinite(label) & (label == np.round(label)))].ravel()[:3]
+            raise DataError(
+                f"{source}: labels must be integers (class indices), got non-integer values "
+                f"such as {bad.tolist()}. Is this an image or a probability map?"
+            )
+    elif label.dtype.kind not in "iub":
+        raise DataError(f"{source}: labels must be integers, got dtype {label.dtype}.")
+    if label.size and label.min() < 0:
+        raise DataError(f"{source}: labels must be >= 0, got {label.min()}.")
+    return label.astype(np.int64)
+
+
+def _check_pair(image: np.ndarray, label: np.ndarray, source: str) -> None:
+    if image.shape != label.shape:
+        raise DataError(
+            f"{source}: image shape {image.shape} does not match label shape {label.shape}."
+        )
+    if image.ndim not in (2, 3):
+        raise DataError(f"{source}: expected a 2D slice or a 3D volume, got shape {image.shape}.")
+    if not np.all(np.isfinite(image)):
+        raise DataError(f"{source}: the image contains NaN or infinite values.")
+
+
+_NIFTI = re.compile(r"^(?P<case>.+?)(_0000)?\.nii(\.gz)?$")
+
+
+def read_nifti_dir(folder: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Cases ``(name, image, label)`` from ``folder/images/NAME.nii[.gz]`` and
+    ``folder/labels/NAME.nii[.gz]`` (an nnU-Net ``_0000`` suffix on images is accepted)."""
+    import nibabel as nib
+
+    folder = Path(folder)
+    images_dir, labels_dir = folder / "images", folder / "labels"
+    for d in (images_dir, labels_dir):
+        if not d.is_dir():
+            raise DataError(
+                f"missing folder {d}: --nifti-dir expects images/NAME.nii.gz and "
+                "labels/NAME.nii.gz pairs."
+            )
+    labels = {}
+    for p in sorted(labels_dir.iterdir()):
+        m = _NIFTI.match(p.name)
+        if m:
+            labels[m["case"]] = p
+    cases = []
+    for p in sorted(images_dir.iterdir()):
+        m = _NIFTI.match(p.name)
+        if not m:
+            continue
+        if m["case"] not in labels:
+            raise DataError(
+                f"missing label for {p}: expected {labels_dir / (m['case'] + '.nii.gz')}."
+            )
+        image = np.asarray(nib.load(p).dataobj, dtype=np.float32)
+        label = np.asarray(nib.load(labels[m["case"]]).dataobj)
+        _check_pair(image, label, f"{p.name} / {labels[m['case']].name}")
+        label = _check_labels(label, str(labels[m["case"]]))
+        if image.ndim == 3:  # axial slices along the last axis -> (Z, X, Y)
+            image, label = image.transpose(2, 0, 1), label.transpose(2, 0, 1)
+        else:
+            image, label = image[None], label[None]
+        cases.append((m["case"], image, label))
+    if not cases:
+        raise DataError(f"no NIfTI images (*.nii or *.nii.gz) found in {images_dir}.")
+    return cases
+
+
+_SLICE = re.compile(r"^(?P<case>.+?)(_slice_?\d+)?\.h5$")
+
+
+def read_h5_dir(folder: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Cases from SSL4MIS-style ``*.h5`` files with ``image`` and ``label`` datasets.
+
+    2D files (``patient001_frame01_slice_3.h5``) are grouped into a case by the name before
+    ``_slice_N``; a 3D file is one case sliced along its first axis.
+    """
+    import h5py
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"missing folder {folder} (--h5-dir).")
+    files = sorted(folder.rglob("*.h5"))
+    if not files:
+        raise DataError(f"no *.h5 files found in {folder}.")
+    grouped: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    for p in files:
+        with h5py.File(p, "r") as f:
+            for key in ("image", "label"):
+                if key not in f:
+                    raise DataError(f"{p}: missing dataset '{key}' (found {sorted(f.keys())}).")
+            image, label = np.asarray(f["image"], dtype=np.float32), np.asarray(f["label"])
+        _check_pair(image, label, str(p))
+        label = _check_labels(label, str(p))
+        m = _SLICE.match(p.name)
+        case = m["case"] if m else p.stem
+        num = re.findall(r"\d+", p.stem)
+        order = int(num[-1]) if num else 0
+        if image.ndim == 2:
+            image, label = image[None], label[None]
+        grouped.setdefault(case, []).append((order, image, label))
+    cases = []
+    for case, parts in grouped.items():
+        parts.sort(key=lambda t: t[0])
+        shapes = {p[1].shape[1:] for p in parts}
+        if len(shapes) > 1:
+            raise DataError(f"case {case}: slices of different shapes {sorted(shapes)}.")
+        cases.append((case, np.concatenate([p[1] for p in parts]),
+                      np.concatenate([p[2] for p in parts])))  # fmt: skip
+    return cases
+
+
+def cases_data(
+    cases: list[tuple[str, np.ndarray, np.ndarray]],
+    *,
+    labeled: int,
+    size: tuple[int, int],
+    description: str,
+    num_classes: Optional[int] = None,
+    gap: int = 3,
+    spacing: tuple[float, float] = (1.0, 1.0),
+) -> SliceData:
+    """Split cases into train (labeled + unlabeled) / validation / test.
+
+    Several cases: whole cases go to one split (70% / 10% / 20%, at least one each). One case:
+    slabs along its slices (60% / 10% / 20% with gaps). Labeled slices are spread evenly over
+    the training slices; the unlabeled ones are the rest, minus ``gap`` neighbours each side.
+    """
+    n_cls = num_classes or int(max(int(c[2].max()) for c in cases)) + 1
+    if n_cls < 2:
+        raise DataError("labels contain a single class; need at least two.")
+
+    def stack(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for image, label in parts:
+            x, y = resize_slices(normalize_slices(image), label, size, n_cls)
+            xs.append(x)
+            ys.append(y)
+        return torch.cat(xs), torch.cat(ys)
+
+    if len(cases) >= 3:
+        n = len(cases)
+        n_test = max(1, round(0.2 * n))
+        n_val = max(1, round(0.1 * n))
+        train = cases[: n - n_val - n_test]
+        val, test = cases[len(train) : n - n_test], cases[n - n_test :]
+        train_parts = [(c[1], c[2]) for c in train]
+        case_of = np.concatenate([np.full(len(c[1]), i) for i, c in enumerate(train)])
+        val_parts, test_parts = [(c[1], c[2]) for c in val], [(c[1], c[2]) for c in test]
+    elif len(cases) == 1:
+        _, image, label = cases[0]
+        z = len(image)
+        a, b, c = int(0.6 * z), int(0.7 * z), int(0.8 * z)
+        if c + 2 * gap >= z or a < 2:
+            raise DataError(f"one case with {z} slices is too few to split; give >= 3 cases.")
+        train_parts = [(image[:a], label[:a])]
+        val_parts = [(image[a + gap : b], label[a + gap : b])]
+        test_parts = [(image[b + gap :], label[b + gap :])]
+        case_of = np.zeros(a, dtype=int)
+    else:
+        raise DataError(f"need one case (split into slabs) or at least three, got {len(cases)}.")
+    train_x, train_y = stack(train_parts)
+    lab_idx = spread_indices(len(train_x), labeled)
+    unl_idx = [i for i in range(len(train_x))
+               if all(abs(i - j) > gap or case_of[i] != case_of[j] for j in lab_idx)]  # fmt: skip
+    _require_unlabeled(unl_idx, len(train_x), gap)
+    val_x, val_y = stack(val_parts)
+    test_x, test_y = stack(test_parts)
+    names = tuple(["background"] + [f"class {c}" for c in range(1, n_cls)])
+    return SliceData(
+        labeled_x=train_x[lab_idx], labeled_y=train_y[lab_idx],
+        unlabeled_x=train_x[unl_idx], unlabeled_y=train_y[unl_idx],
+        val_x=val_x, val_y=val_y, test_x=test_x, test_y=test_y,
+        class_names=names, spacing=spacing, description=description,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# augmentation
+
+
+def augment(
+    x: torch.Tensor,
+    y: Optional[torch.Tensor],
+    generator: torch.Generator,
+    *,
+    max_rotation: float = 15.0,
+    noise: float = 0.05,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Random left-right flip, rotation (+-15 deg), scaling (0.9..1.1), smooth linear bias,
+    gamma and Gaussian noise: one draw per sample from ``generator`` (deterministic)."""
+    b = x.shape[0]
+
+    def uniform(lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(b, *shape, generator=generator)
+
+    flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
+    angle = uniform(-max_rotation, max_rotation) * math.pi / 180
+    scale = uniform(0.9, 1.1)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack(
+        [torch.stack([cos * flip, -sin, torch.zeros(b)], 1),
+         torch.stack([sin * flip, cos, torch.zeros(b)], 1)], 1)  # fmt: skip
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if y is not None:
+        y = F.grid_sample(y[:, None].float(), grid, mode="nearest", align_corners=False)
+        y = y[:, 0].long()
+    # intensity: gamma on the clipped image, a linear bias field, then noise
+    gamma = torch.exp(uniform(-0.3, 0.3, 1, 1, 1))
+    out = out.clamp_min(0) ** gamma
+    h, w = x.shape[-2:]
+    ry = torch.linspace(-1, 1, h).view(1, 1, h, 1)
+    rx = torch.linspace(-1, 1, w).view(1, 1, 1, w)
+    bias = 1 + uniform(-0.15, 0.15, 1, 1, 1) * ry + uniform(-0.15, 0.15, 1, 1, 1) * rx
+    out = out * bias + noise * torch.randn(out.shape, generator=generator)
+    return out, y

@@ -1,0 +1,203 @@
+"""Tables (Markdown, JSON) and figures from the finished runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LABELS = {
+    "supervised": "Supervised only (labeled slices)",
+    "mean_teacher": "Mean teacher (MSE consistency)",
+    "uamt": "UA-MT (MC-dropout entropy mask)",
+    "bual": "BUAL (`bidirectional_loss`)",
+    "full": "Fully supervised (upper bound)",
+}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def summarize(results: dict[str, list[dict[str, Any]]], class_names: tuple[str, ...]) -> dict:
+    """Per method: mean and sample std (n - 1) over seeds of every metric."""
+    summary: dict[str, Any] = {}
+    for method, runs in results.items():
+        entry: dict[str, Any] = {"seeds": [r["seed"] for r in runs]}
+        for metric in ("dice", "hd95"):
+            per_class = np.asarray([r[metric] for r in runs])  # (seeds, classes)
+            for c, name in enumerate(class_names[1:]):
+                values = per_class[:, c].tolist()
+                m, s = _mean_std(values)
+                entry[f"{metric}/{name}"] = {"mean": m, "std": s, "values": values}
+            m, s = _mean_std(per_class.mean(axis=1).tolist())
+            entry[f"{metric}/mean"] = {"mean": m, "std": s, "values": per_class.mean(1).tolist()}
+        if "supervised" in results and method != "supervised":
+            base = {r["seed"]: float(np.mean(r["dice"])) for r in results["supervised"]}
+            diff = [float(np.mean(r["dice"])) - base[r["seed"]] for r in runs if r["seed"] in base]
+            if diff:
+                m, s = _mean_std(diff)
+                entry["dice/mean minus supervised"] = {"mean": m, "std": s, "values": diff}
+        entry["seconds_per_iteration"] = float(np.mean([r["seconds_per_iteration"] for r in runs]))
+        entry["seconds"] = float(np.sum([r["seconds"] for r in runs]))
+        summary[method] = entry
+    return summary
+
+
+def markdown_table(summary: dict[str, Any], class_names: tuple[str, ...]) -> str:
+    names = list(class_names[1:])
+    head = (["Method"] + [f"Dice {n}" for n in names] + ["Dice mean"]
+            + [f"HD95 {n} (mm)" for n in names] + ["HD95 mean (mm)",
+            "Δ Dice mean vs supervised (paired by seed)", "s / iter"])  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, e in summary.items():
+        cells = [LABELS.get(method, method)]
+        for metric, fmt in (("dice", "{:.3f} ± {:.3f}"), ("hd95", "{:.2f} ± {:.2f}")):
+            for n in [*names, "mean"]:
+                v = e[f"{metric}/{n}"]
+                cells.append(fmt.format(v["mean"], v["std"]))
+        d = e.get("dice/mean minus supervised")
+        cells.append(f"{d['mean']:+.3f} ± {d['std']:.3f}" if d else "")
+        cells.append(f"{e['seconds_per_iteration']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(
+    out: Path,
+    results: dict[str, list[dict[str, Any]]],
+    class_names: tuple[str, ...],
+    header: str,
+    config: dict[str, Any],
+) -> tuple[Path, Path]:
+    summary = summarize(results, class_names)
+    table = markdown_table(summary, class_names)
+    md = out / "results.md"
+    md.write_text(f"{header}\n\n{table}\n")
+    js = out / "results.json"
+    js.write_text(json.dumps({"config": config, "summary": summary,
+                              "runs": {m: [{k: v for k, v in r.items() if k != "history"}
+                                           for r in rs] for m, rs in results.items()}},
+                             indent=1))  # fmt: skip
+    return md, js
+
+
+def figures(out: Path, results: dict[str, list[dict[str, Any]]], run_dirs: dict) -> list[Path]:
+    """Training curves, region fractions / pseudo-label errors, and example slices."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = out / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    colors = dict(zip(LABELS, ["C0", "C1", "C2", "C3", "C7"]))
+
+    # 1. training curves: loss and validation Dice, every seed
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for method, runs in results.items():
+        for i, r in enumerate(runs):
+            log, val = r["history"]["log"], r["history"]["val"]
+            kw = dict(color=colors.get(method), alpha=0.8, label=method if i == 0 else None)
+            axes[0].plot([e["step"] for e in log], [e["sup"] for e in log], **kw)
+            if any("cons" in e for e in log):
+                axes[1].plot([e["step"] for e in log], [e["cons"] for e in log], **kw)
+            axes[2].plot([e["step"] for e in val], [e["dice"] for e in val], **kw)
+    for ax, title in zip(axes, ["labeled loss (CE + Dice)", "unlabeled / consistency loss",
+                                "validation Dice (mean GM/WM)"]):  # fmt: skip
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=8)
+    for ax in axes[:2]:
+        ax.set_yscale("symlog", linthresh=1e-3)
+    fig.tight_layout()
+    paths.append(folder / "training_curves.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    # 2. regions over training: fractions, thresholds, pseudo-label error in the trusted region
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for method in ("mean_teacher", "uamt", "bual"):
+        for i, r in enumerate(results.get(method, [])):
+            log = r["history"]["log"]
+            steps = [e["step"] for e in log]
+            kw = dict(color=colors[method], alpha=0.8)
+            if "low_fraction" in log[0]:
+                axes[0].plot(
+                    steps,
+                    [e["low_fraction"] for e in log],
+                    label=f"{method}: unlabeled low (trusted)" if i == 0 else None,
+                    **kw,
+                )
+            if "high_fraction" in log[0]:
+                axes[0].plot(steps, [e["high_fraction"] for e in log], ls="--",
+                             label=f"{method}: labeled high (emphasised)" if i == 0 else None,
+                             **kw)  # fmt: skip
+            if "threshold" in log[0]:
+                axes[1].plot(
+                    steps, [e["threshold"] for e in log], label=method if i == 0 else None, **kw
+                )
+            axes[2].plot(
+                steps,
+                [e["pl_error"] for e in log],
+                ls=":",
+                label=f"{method}: all voxels" if i == 0 else None,
+                **kw,
+            )
+            # no trusted voxel, no error to show: NaN leaves a gap in the line
+            trusted = [np.nan if e.get("low_fraction", 1.0) == 0 else e["pl_error_trusted"]
+                       for e in log]  # fmt: skip
+            axes[2].plot(
+                steps,
+                trusted,
+                label=f"{method}: trusted voxels" if i == 0 else None,
+                **kw,
+            )
+    axes[0].set_title("region fractions")
+    axes[1].set_title("uncertainty threshold (normalised entropy)")
+    axes[2].set_title("teacher pseudo-label error (hidden labels)")
+    for ax in axes:
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(folder / "regions.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    # 3. example test slice per method (first seed)
+    methods = [m for m in results if (run_dirs[m] / "example.npz").is_file()]
+    if methods:
+        fig, axes = plt.subplots(len(methods), 5, figsize=(13, 2.8 * len(methods)), squeeze=False)
+        for row, method in zip(axes, methods):
+            ex = np.load(run_dirs[method] / "example.npz")
+            u, thr = ex["uncertainty"], float(ex["threshold"])
+            high = u > thr
+            wrong = ex["pred"] != ex["label"]
+            row[0].imshow(ex["image"], cmap="gray")
+            row[1].imshow(ex["label"], cmap="viridis", vmin=0, vmax=2, interpolation="nearest")
+            row[2].imshow(ex["pred"], cmap="viridis", vmin=0, vmax=2, interpolation="nearest")
+            row[2].contour(wrong, levels=[0.5], colors="r", linewidths=0.5)
+            im = row[3].imshow(u, cmap="magma", vmin=0, vmax=1)
+            fig.colorbar(im, ax=row[3], fraction=0.04)
+            overlay = np.zeros((*u.shape, 4))
+            overlay[high] = (1.0, 0.0, 0.0, 0.7)  # high: red
+            overlay[~high] = (0.0, 0.8, 0.0, 0.25)  # low: green tint
+            row[4].imshow(ex["image"], cmap="gray")
+            row[4].imshow(overlay, interpolation="nearest")
+            row[4].contour(wrong, levels=[0.5], colors="yellow", linewidths=0.4)
+            titles = ["image", "label", "prediction (red: errors)", "MC-dropout entropy",
+                      f"high {high.mean():.1%} (red) / low, tau={thr:.2f}"]  # fmt: skip
+            for ax, title in zip(row, titles):
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_title(title, fontsize=9)
+            row[0].set_ylabel(method)
+        fig.tight_layout()
+        paths.append(folder / "examples.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,367 @@
+"""One training run (method x seed): the step of every method, checkpoints, evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bual_losses import (
+    bidirectional_loss,
+    entropy_map,
+    low_uncertainty_mask,
+    mc_dropout_uncertainty,
+    rampup_schedule,
+    ratio_schedule,
+    ratio_threshold,
+    region_ce_dice_loss,
+    region_fraction,
+    uamt_threshold_schedule,
+)
+
+from .data import SliceData, augment
+from .metrics import evaluate
+from .model import UNet2D, ema_update, make_teacher
+
+SEMI = ("mean_teacher", "uamt", "bual")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that defines a run; the same values for every method of a comparison."""
+
+    iterations: int = 400
+    labeled_batch: int = 2
+    unlabeled_batch: int = 2
+    lr: float = 1e-3
+    base: int = 16
+    levels: int = 3
+    ema_decay: float = 0.99
+    consistency: float = 0.1  # peak lambda (SSL4MIS / UA-MT: 0.1)
+    rampup: float = 1.0  # consistency ramp length as a fraction of the iterations (SSL4MIS: 1)
+    teacher_noise: float = 0.1  # std of the teacher's input noise, clipped at 2 std (SSL4MIS)
+    mc_passes: int = 8  # UA-MT's T
+    bual_alpha: float = 1.0
+    bual_beta: float = 0.0
+    bual_uncertainty: str = "entropy"  # "entropy" (library default) or "mc" (UA-MT's estimate)
+    bual_high_ratio: Optional[float] = None  # None: UA-MT threshold; r: top-r fraction is high
+    bual_low_ratio: Optional[float] = None  # None: UA-MT threshold; r: top-r fraction dropped
+    eval_every: int = 50
+    log_every: int = 10
+    checkpoint_every: int = 50
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sample(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, n, (k,), generator=generator)
+
+
+def _teacher_input(x: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(x.shape, generator=generator) * std
+    return x + noise.clamp(-2 * std, 2 * std)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    """Eval-mode logits for ``(N, 1, H, W)`` images, in chunks."""
+    was = model.training
+    model.eval()
+    out = torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
+    model.train(was)
+    return out
+
+
+def _mean_dice(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: int) -> float:
+    pred = predict(model, x).argmax(1)
+    scores = []
+    for c in range(1, classes):
+        p, t = pred == c, y == c
+        scores.append((2 * (p & t).sum() / (p.sum() + t.sum()).clamp_min(1)).item())
+    return float(np.mean(scores))
+
+
+class Run:
+    """A resumable training run of one method with one seed."""
+
+    def __init__(
+        self, method: str, seed: int, data: SliceData, cfg: TrainConfig, folder: Path
+    ) -> None:
+        self.method, self.seed, self.data, self.cfg, self.folder = method, seed, data, cfg, folder
+        self.rank, self.world = _world()
+        torch.manual_seed(seed)  # identical initial weights for every method of a seed
+        self.student = UNet2D(1, data.num_classes, cfg.base, cfg.levels)
+        self.teacher = make_teacher(self.student) if method in SEMI else None
+        self.model: nn.Module = self.student
+        if self.world > 1:
+            self.model = nn.parallel.DistributedDataParallel(self.student)
+        self.opt = torch.optim.Adam(self.student.parameters(), lr=cfg.lr)
+        self.generator = torch.Generator().manual_seed(seed * 1000 + self.rank)
+        torch.manual_seed(seed * 1000 + 1 + self.rank)  # dropout masks differ across ranks
+        self.step = 0
+        self.history: dict[str, list[Any]] = {"log": [], "val": []}
+        self.seconds = 0.0
+        ramp = cfg.rampup * cfg.iterations
+        self.lam = rampup_schedule(cfg.consistency, ramp)
+        self.threshold = uamt_threshold_schedule(cfg.iterations, base="normalized")
+        if method == "full":
+            self.train_x = torch.cat([data.labeled_x, data.unlabeled_x])
+            self.train_y = torch.cat([data.labeled_y, data.unlabeled_y])
+        else:
+            self.train_x, self.train_y = data.labeled_x, data.labeled_y
+
+    # ---------------------------------------------------------------------------- checkpoints
+
+    @property
+    def checkpoint_path(self) -> Path:
+        suffix = f"_rank{self.rank}" if self.world > 1 else ""
+        return self.folder / f"checkpoint{suffix}.pt"
+
+    def save(self) -> None:
+        state = {
+            "step": self.step,
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+            "opt": self.opt.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": self.history,
+            "seconds": self.seconds,
+        }
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    def load(self) -> bool:
+        if not self.checkpoint_path.is_file():
+            return False
+        state = torch.load(self.checkpoint_path, weights_only=False)
+        self.student.load_state_dict(state["student"])
+        if self.teacher is not None:
+            self.teacher.load_state_dict(state["teacher"])
+        self.opt.load_state_dict(state["opt"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.history, self.seconds = state["step"], state["history"], state["seconds"]
+        return True
+
+    # ---------------------------------------------------------------------------- one step
+
+    def _lr(self) -> float:
+        # SSL4MIS's poly decay
+        return self.cfg.lr * (1.0 - self.step / self.cfg.iterations) ** 0.9
+
+    def train_step(self) -> dict[str, float]:
+        cfg, data, g, t = self.cfg, self.data, self.generator, self.step
+        for group in self.opt.param_groups:
+            group["lr"] = self._lr()
+        idx = _sample(len(self.train_x), cfg.labeled_batch, g)
+        xl, yl = augment(self.train_x[idx], self.train_y[idx], g)
+        log: dict[str, float] = {}
+        self.model.train()
+        if self.method in ("supervised", "full"):
+            if self.method == "full":  # the upper bound sees as many labeled images per step
+                idx2 = _sample(len(self.train_x), cfg.unlabeled_batch, g)
+                x2, y2 = augment(self.train_x[idx2], self.train_y[idx2], g)
+                xl, yl = torch.cat([xl, x2]), torch.cat([yl, y2])
+            loss = region_ce_dice_loss(self.model(xl), yl)
+            log["sup"] = loss.item()
+        else:
+            assert self.teacher is not None
+            idx_u = _sample(len(data.unlabeled_x), cfg.unlabeled_batch, g)
+            xu, yu = augment(data.unlabeled_x[idx_u], data.unlabeled_y[idx_u], g)
+            logits = self.model(torch.cat([xl, xu]))
+            zl, zu = logits[: len(xl)], logits[len(xl) :]
+            with torch.no_grad():
+                zt = self.teacher(_teacher_input(xu, cfg.teacher_noise, g))
+            lam = float(self.lam(t))
+            log["lambda"] = lam
+            if self.method in ("mean_teacher", "uamt"):
+                sup = region_ce_dice_loss(zl, yl)
+                dist_sq = (zu.softmax(1) - zt.softmax(1)).pow(2).mean(1)  # (B, H, W)
+                if self.method == "uamt":
+                    est = mc_dropout_uncertainty(
+                        self.teacher, xu, passes=cfg.mc_passes, noise_std=cfg.teacher_noise,
+                        noise_clip=2 * cfg.teacher_noise, batch_repeats=2, normalize=True,
+                    )  # fmt: skip
+                    mask = low_uncertainty_mask(
+                        est.predictive_entropy, self.threshold, step=t
+                    ).float()
+                    cons = (mask * dist_sq).sum() / (mask.sum() + 1e-8)
+                    log["low_fraction"] = region_fraction(mask).item()
+                    log["threshold"] = float(self.threshold(t))
+                    trusted = mask.bool()
+                else:
+                    cons = dist_sq.mean()
+                    trusted = torch.ones_like(yu, dtype=torch.bool)
+                loss = sup + lam * cons
+                log.update(sup=sup.item(), cons=cons.item())
+            else:
+                kwargs: dict[str, Any] = {}
+                if cfg.bual_uncertainty == "mc":
+                    est = mc_dropout_uncertainty(
+                        self.teacher, xu, passes=cfg.mc_passes, noise_std=cfg.teacher_noise,
+                        noise_clip=2 * cfg.teacher_noise, batch_repeats=2, normalize=True,
+                    )  # fmt: skip
+                    kwargs["unlabeled_uncertainty"] = est.predictive_entropy
+                if cfg.bual_high_ratio is not None:
+                    kwargs["high_threshold"] = ratio_schedule(cfg.bual_high_ratio)
+                if cfg.bual_low_ratio is not None:
+                    kwargs["low_threshold"] = ratio_schedule(cfg.bual_low_ratio)
+                loss, parts = bidirectional_loss(
+                    zl, yl, zu, zt, step=t, total_steps=cfg.iterations,
+                    alpha=cfg.bual_alpha, beta=cfg.bual_beta,
+                    consistency_weight=self.lam, return_parts=True, **kwargs,
+                )  # fmt: skip
+                log.update(
+                    sup=parts.labeled_loss.item(),
+                    cons=parts.unlabeled_loss.item(),
+                    high_fraction=parts.labeled_high_fraction.item(),
+                    low_fraction=parts.unlabeled_low_fraction.item(),
+                    threshold=parts.low_threshold.float().mean().item(),
+                )
+                u = kwargs.get("unlabeled_uncertainty")
+                if u is None:
+                    u = entropy_map(zt, from_logits=True, normalize=True)
+                thr = parts.low_threshold.reshape(-1, *([1] * (u.ndim - 1)))
+                trusted = u <= thr
+            # diagnostics from the hidden labels (never used for training): pseudo-label error
+            with torch.no_grad():
+                wrong = zt.argmax(1) != yu
+                log["pl_error"] = wrong.float().mean().item()
+                log["pl_error_trusted"] = (
+                    (wrong & trusted).sum() / trusted.sum().clamp_min(1)
+                ).item()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.world > 1:  # keep BatchNorm statistics identical on every rank
+            for buf in self.student.buffers():
+                if buf.is_floating_point():
+                    dist.all_reduce(buf)
+                    buf.div_(self.world)
+        if self.teacher is not None:
+            ema_update(self.teacher, self.student, t, self.cfg.ema_decay)
+        log["loss"] = loss.item()
+        self.step += 1
+        return log
+
+    # ---------------------------------------------------------------------------- the loop
+
+    def train(self, progress: Optional[Callable[[int], None]] = None) -> None:
+        cfg = self.cfg
+        if self.load() and progress is not None:
+            progress(self.step)
+        while self.step < cfg.iterations:
+            start = time.perf_counter()
+            log = self.train_step()
+            self.seconds += time.perf_counter() - start
+            if not all(math.isfinite(v) for v in log.values()):
+                raise FloatingPointError(f"{self.method} seed {self.seed}: non-finite {log}")
+            if self.step % cfg.log_every == 0 or self.step == 1:
+                self.history["log"].append({"step": self.step, **log})
+            if self.rank == 0 and (self.step % cfg.eval_every == 0 or self.step == cfg.iterations):
+                data = self.data
+                d = _mean_dice(self.student, data.val_x, data.val_y, data.num_classes)
+                self.history["val"].append({"step": self.step, "dice": d})
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations:
+                self.save()
+            if progress is not None:
+                progress(1)
+
+    # ---------------------------------------------------------------------------- test
+
+    def test(self) -> dict[str, Any]:
+        """Test-slab metrics of the student plus what the figures need (one example slice)."""
+        data = self.data
+        logits = predict(self.student, data.test_x)
+        pred = logits.argmax(1).numpy()
+        metrics = evaluate(pred, data.test_y.numpy(), data.num_classes, data.spacing)
+        k = len(data.test_x) // 2
+        est = mc_dropout_uncertainty(
+            self.student.eval(), data.test_x[k : k + 1], passes=self.cfg.mc_passes,
+            normalize=True,
+        )  # fmt: skip
+        u = est.predictive_entropy[0]
+        # the high region as BUAL draws it on labeled data at the end of training
+        if self.cfg.bual_high_ratio is not None:
+            thr = float(ratio_threshold(u[None], self.cfg.bual_high_ratio))
+        else:
+            thr = float(self.threshold(self.cfg.iterations))
+        np.savez_compressed(
+            self.folder / "example.npz", image=data.test_x[k, 0].numpy(),
+            label=data.test_y[k].numpy(), pred=pred[k], uncertainty=u.numpy(), threshold=thr,
+        )  # fmt: skip
+        return {
+            "method": self.method,
+            "seed": self.seed,
+            "dice": metrics["dice"],
+            "hd95": metrics["hd95"],
+            "seconds": self.seconds,
+            "seconds_per_iteration": self.seconds / max(self.step, 1),
+            "iterations": self.step,
+            "history": self.history,
+        }
+
+
+def run_one(
+    method: str, seed: int, data: SliceData, cfg: TrainConfig, folder: Path,
+    progress: Optional[Callable[[int], None]] = None,
+) -> Optional[dict[str, Any]]:  # fmt: skip
+    """Train (or resume, or skip when finished) one run; rank 0 returns its result."""
+    result_path = folder / "result.json"
+    rank, world = _world()
+    if result_path.is_file():
+        if progress is not None:
+            progress(cfg.iterations)
+        return json.loads(result_path.read_text()) if rank == 0 else None
+    run = Run(method, seed, data, cfg, folder)
+    run.train(progress)
+    result = None
+    if rank == 0:
+        result = run.test()
+        tmp = result_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, result_path)
+    if world > 1:
+        dist.barrier()
+    return result
+
+
+# ------------------------------------------------------------------------------- worker pool
+
+_QUEUE: Any = None
+
+
+def init_worker(queue: Any, threads: int) -> None:
+    """Process-pool initializer: one torch thread per worker, progress through ``queue``."""
+    global _QUEUE
+    _QUEUE = queue
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _report(n: int) -> None:
+    if _QUEUE is not None:
+        _QUEUE.put(n)
+
+
+def worker_job(
+    method: str, seed: int, data: SliceData, cfg: TrainConfig, folder: Path
+) -> Optional[dict[str, Any]]:
+    """A run inside a pool worker (progress goes to the parent's bar)."""
+    return run_one(method, seed, data, cfg, folder, _report)
