@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, help="iterations per run (every method)")
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
     p.add_argument(
+        "--no-diagnostics",
+        action="store_true",
+        help="skip the pseudo-label error diagnostics of the final teachers "
+        "(python -m examples.bual_demo.diagnose)",
+    )
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="train nothing: tabulate the runs of --out that have finished so far",
@@ -246,6 +252,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"Finished in {(time.perf_counter() - start) / 60:.1f} min.")
         print(f"Table: {md} and {js}")
         print("Figures: " + ", ".join(str(p) for p in paths))
+        if not args.no_diagnostics and world == 1:
+            # imported here: diagnose imports this module's data options
+            from .diagnose import diagnose
+
+            print(
+                "\nDiagnostics: does each final teacher's uncertainty find its pseudo-label errors?"
+            )
+            diagnose(out, data, passes=args.mc_passes)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
