@@ -224,6 +224,21 @@ def require_class_weight(class_weight: Any, num_classes: int, logits: torch.Tens
     return cw
 
 
+def class_weight_buffer(class_weight: Any) -> Optional[torch.Tensor]:
+    """Construction-time check of a module's class weights (the class count is not known yet):
+    1-D, finite, >= 0; a floating tensor keeps its dtype, anything else gets the default one."""
+    if class_weight is None:
+        return None
+    cw = torch.as_tensor(class_weight)
+    if not cw.is_floating_point():  # a float64 tensor stays float64: no silent rounding
+        cw = cw.to(torch.get_default_dtype())
+    if cw.ndim != 1 or bool((cw < 0).any()) or not bool(cw.isfinite().all()):
+        raise ValueError(
+            f"`class_weight` must be a 1-D sequence of finite weights >= 0, got {cw.tolist()}."
+        )
+    return cw
+
+
 def require_ignore_index(ignore_index: Any, kind: TargetKind) -> Optional[int]:
     if ignore_index is None:
         return None

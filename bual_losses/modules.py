@@ -11,23 +11,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from . import _validation as V
 from .bidirectional import BidirectionalParts, bidirectional_loss, check_bidirectional_options
 from .losses import ClassWeight, check_options, region_ce_dice_loss
 
 __all__ = ["BidirectionalLoss", "RegionCEDiceLoss"]
-
-
-def _class_weight_buffer(class_weight: ClassWeight) -> Optional[torch.Tensor]:
-    if class_weight is None:
-        return None
-    cw = torch.as_tensor(class_weight)
-    if not cw.is_floating_point():  # a float64 tensor stays float64: no silent rounding
-        cw = cw.to(torch.get_default_dtype())
-    if cw.ndim != 1 or bool((cw < 0).any()) or not bool(cw.isfinite().all()):
-        raise ValueError(
-            f"`class_weight` must be a 1-D sequence of finite weights >= 0, got {cw.tolist()}."
-        )
-    return cw
 
 
 class RegionCEDiceLoss(nn.Module):
@@ -55,7 +43,7 @@ class RegionCEDiceLoss(nn.Module):
             )
         check_options(**options)
         self.options = options
-        self.register_buffer("class_weight", _class_weight_buffer(class_weight))
+        self.register_buffer("class_weight", V.class_weight_buffer(class_weight))
 
     def forward(
         self,
@@ -93,7 +81,7 @@ class BidirectionalLoss(nn.Module):
         super().__init__()
         check_bidirectional_options(**options)
         self.options = options
-        self.register_buffer("class_weight", _class_weight_buffer(class_weight))
+        self.register_buffer("class_weight", V.class_weight_buffer(class_weight))
 
     def forward(
         self,
