@@ -47,12 +47,12 @@ from .losses import RegionStats, _Options, accumulation_dtype
 
 __all__ = ["ACCELERATOR_CHUNKS", "CHUNK_ELEMENTS", "UncertaintyWeight", "fused_stats"]
 
-CHUNK_ELEMENTS = 1 << 18
-"""Logits per chunk on the CPU (about 1 MiB of float32).
+CHUNK_ELEMENTS = 1 << 19
+"""Logits per chunk on the CPU (2 MiB of float32).
 
-Small enough to stay in a core's L2 cache with its temporaries, large enough that per-op
-overhead stays below the arithmetic (measured best of $2^{14}$ to $2^{19}$ on the 2D and 3D
-benchmark shapes).
+Each chunk costs a few dozen eager ops, so per-op overhead falls with the chunk size while the
+temporaries (a few chunk-sized buffers) must stay cache-resident: measured best of $2^{15}$ to
+$2^{21}$ on both benchmark shapes (2D: 2^18 1.3x slower, 2^20 1.1x; 3D: 1.15x and 1.1x).
 """
 
 ACCELERATOR_CHUNKS = 4
@@ -158,33 +158,44 @@ class _Workspace:
     A fresh chunk-sized tensor is a fresh allocation that the C allocator often takes from (and
     returns to) the system, paying a page fault per 4 KiB on first touch; measured, that cost
     more than the arithmetic. With a few reused buffers every temporary is an ``out=`` or
-    in-place write. ``big`` slots hold (nb, K, n) tensors, ``small`` slots (nb, n) ones.
+    in-place write. ``big`` slots hold (nb, K, n) tensors, ``small`` slots (nb, n) ones. A slot
+    is allocated on first use, so a pass holds only the buffers its options need.
     """
 
     def __init__(self, like: torch.Tensor, dtype: torch.dtype, chunks: list[_Chunk], k: int):
-        voxels = max((c.b1 - c.b0) * (c.s1 - c.s0) for c in chunks)
-        self._big = like.new_empty((_BIG_SLOTS, voxels * k), dtype=dtype)
-        self._small = like.new_empty((_SMALL_SLOTS, voxels), dtype=dtype)
+        self._like, self._dtype, self._k = like, dtype, k
+        self._voxels = max((c.b1 - c.b0) * (c.s1 - c.s0) for c in chunks)
+        self._buffers: dict[tuple[bool, int], torch.Tensor] = {}
+
+    def _buffer(self, big: bool, slot: int) -> torch.Tensor:
+        buf = self._buffers.get((big, slot))
+        if buf is None:
+            size = self._voxels * self._k if big else self._voxels
+            buf = self._buffers[big, slot] = self._like.new_empty(size, dtype=self._dtype)
+        return buf
 
     def big(self, slot: int, nb: int, k: int, n: int) -> torch.Tensor:
-        return self._big[slot, : nb * k * n].view(nb, k, n)
+        return self._buffer(True, slot)[: nb * k * n].view(nb, k, n)
 
     def small(self, slot: int, nb: int, n: int) -> torch.Tensor:
-        return self._small[slot, : nb * n].view(nb, n)
+        return self._buffer(False, slot)[: nb * n].view(nb, n)
 
 
-# big slots: logits copy, probabilities, target, and three for products; small: see their use
-_Z, _P, _G, _A, _B, _C = range(6)
-_BIG_SLOTS = 6
-_YF, _W, _M, _NLP, _T, _U, _H = range(7)
-_SMALL_SLOTS = 7
+# big slots: logits copy, probabilities, target, two for products (each reused once its value
+# has been reduced), a gradient needing a cast or a column
+_Z, _P, _G, _A, _B, _D = range(6)
+# small slots: see their use
+_YF, _W, _M, _NLP, _T, _U, _H, _D2 = range(8)
 
 
 class _ChunkData(NamedTuple):
-    """One chunk's inputs: logits ``z``, probabilities ``p``, target ``g`` (nb, K, n) and the
-    region weight ``w`` (nb, n), a derived uncertainty weight folded in."""
+    """One chunk's inputs: probabilities ``p`` and target probabilities ``g`` (nb, K, n; ``g``
+    one-hot for label targets), the voxel weight ``w`` (nb, n; region weight, ignored voxels
+    and a derived uncertainty weight folded in), and the logits: ``z`` (nb, K, n) for K > 2,
+    the difference ``d = z_1 - z_0`` (nb, n) for two classes (see ``_two_class_probs``)."""
 
-    z: torch.Tensor
+    z: Optional[torch.Tensor]
+    d: Optional[torch.Tensor]
     p: torch.Tensor
     g: torch.Tensor
     w: torch.Tensor
@@ -194,21 +205,68 @@ class _ChunkData(NamedTuple):
 def _load_chunk(
     prep: _Prepared, ch: _Chunk, ws: _Workspace, spec: Optional[UncertaintyWeight]
 ) -> _ChunkData:
-    b, s = slice(ch.b0, ch.b1), slice(ch.s0, ch.s1)
-    nb, n, k = ch.b1 - ch.b0, ch.s1 - ch.s0, prep.num_classes
-    raw = prep.logits[b, :, s]
-    if prep.binary:  # softmax([0, z]) = [1 - sigmoid(z), sigmoid(z)]
-        z = ws.big(_Z, nb, 2, n)
-        z[:, :1].zero_()
-        z[:, 1:].copy_(raw)
-    elif raw.is_contiguous() and raw.dtype == prep.dtype:
-        z = raw
+    nb, n = ch.b1 - ch.b0, ch.s1 - ch.s0
+    z = d = None
+    if prep.num_classes == 2:
+        d, p = _two_class_probs(prep, ch, ws)
     else:
+        z, p = _softmax_probs(prep, ch, ws)
+    g, w = _target_and_weight(prep, ch, ws)
+    indicator = None
+    if spec is not None:
+        if d is not None:
+            u = _two_class_entropy(d, p, ws)
+        else:
+            assert z is not None
+            u = _entropy(z, p, ws)
+        u = u.div_(math.log(p.shape[1])).clamp_(max=1.0)
+        thr = spec.threshold.to(u.dtype)
+        indicator = spec.indicator(u, thr[ch.b0 : ch.b1, None] if thr.ndim == 1 else thr)
+        derived = torch.mul(indicator, spec.scale, out=ws.small(_U, nb, n)).add_(spec.base)
+        w = torch.mul(w, derived, out=ws.small(_W, nb, n))
+    return _ChunkData(z, d, p, g, w, indicator)
+
+
+def _softmax_probs(prep: _Prepared, ch: _Chunk, ws: _Workspace) -> tuple[torch.Tensor, ...]:
+    """Logits ``z`` and their softmax ``p`` (nb, K, n)."""
+    nb, n, k = ch.b1 - ch.b0, ch.s1 - ch.s0, prep.num_classes
+    z = prep.logits[ch.b0 : ch.b1, :, ch.s0 : ch.s1]
+    if not z.is_contiguous() or z.dtype != prep.dtype:
         # a chunk inside a sample is strided across classes: ATen's softmax over dim 1 is
         # several times slower on such a view than a copy plus the contiguous kernel
-        z = ws.big(_Z, nb, k, n).copy_(raw)
-    p = torch.ops.aten._softmax.out(z, 1, False, out=ws.big(_P, nb, k, n))
+        z = ws.big(_Z, nb, k, n).copy_(z)
+    return z, torch.ops.aten._softmax.out(z, 1, False, out=ws.big(_P, nb, k, n))
 
+
+def _two_class_probs(prep: _Prepared, ch: _Chunk, ws: _Workspace) -> tuple[torch.Tensor, ...]:
+    """The logit difference ``d = z_1 - z_0`` (nb, n) and ``p = [sigmoid(-d), sigmoid(d)]``.
+
+    Two classes depend on the logits only through ``d`` (binary logits: ``d = z``), so the
+    whole chunk is handled as (nb, n) arrays: elementwise on any layout, and about twice as
+    fast as ATen's softmax over a class dimension of size 2.
+    """
+    nb, n = ch.b1 - ch.b0, ch.s1 - ch.s0
+    raw = prep.logits[ch.b0 : ch.b1, :, ch.s0 : ch.s1]
+    if raw.dtype != prep.dtype:
+        raw = ws.big(_Z, nb, 2, n)[:, : raw.shape[1]].copy_(raw)
+    if prep.binary:
+        d = raw[:, 0]
+    else:
+        d = torch.sub(raw[:, 1], raw[:, 0], out=ws.small(_D2, nb, n))
+        # softmax([z0, z1]) is NaN where max(z0, z1) is +inf or NaN, sigmoid(d) is not: adding
+        # 0 * max keeps the reference's NaN there (and with it the finiteness check)
+        d.add_(torch.maximum(raw[:, 0], raw[:, 1], out=ws.small(_M, nb, n)).mul_(0.0))
+    p = ws.big(_P, nb, 2, n)
+    torch.sigmoid(d, out=p[:, 1])
+    torch.sigmoid(torch.neg(d, out=ws.small(_T, nb, n)), out=p[:, 0])
+    return d, p
+
+
+def _target_and_weight(prep: _Prepared, ch: _Chunk, ws: _Workspace) -> tuple[torch.Tensor, ...]:
+    """Target probabilities ``g`` (nb, K, n) and the voxel weight ``w`` (nb, n), 0 at ignored
+    voxels."""
+    b, s = slice(ch.b0, ch.b1), slice(ch.s0, ch.s1)
+    nb, n, k = ch.b1 - ch.b0, ch.s1 - ch.s0, prep.num_classes
     if prep.weight is None:
         w = ws.small(_W, nb, n).fill_(1.0)
     else:
@@ -226,22 +284,16 @@ def _load_chunk(
             g = g2
         elif g.dtype != prep.dtype:
             g = ws.big(_G, nb, k, n).copy_(g)
-    else:
-        y = prep.labels[b, s]
-        if prep.ignore_index is not None:
-            w = torch.mul(w, y != prep.ignore_index, out=ws.small(_W, nb, n))
-        # one-hot as relu(1 - |y - c|): float arithmetic vectorises far better than an integer
-        # compare or a scatter, and a label outside [0, K) (an ignore index) gets a zero row
-        yf = ws.small(_YF, nb, n).copy_(y).unsqueeze(1)
-        classes = torch.arange(k, dtype=prep.dtype, device=yf.device).view(1, k, 1)
-        g = torch.sub(yf, classes, out=ws.big(_G, nb, k, n)).abs_().neg_().add_(1).clamp_(min=0)
-
-    indicator = None
-    if spec is not None:
-        indicator = _indicator(spec, z, p, ch, ws)
-        derived = torch.mul(indicator, spec.scale, out=ws.small(_U, nb, n)).add_(spec.base)
-        w = torch.mul(w, derived, out=ws.small(_W, nb, n))
-    return _ChunkData(z, p, g, w, indicator)
+        return g, w
+    y = prep.labels[b, s]
+    if prep.ignore_index is not None:
+        w = torch.mul(w, y != prep.ignore_index, out=ws.small(_W, nb, n))
+    if y.dtype != prep.dtype:
+        y = ws.small(_YF, nb, n).copy_(y)
+    # one-hot by a float compare against the class values: one vectorised pass, and a label
+    # outside [0, K) (an ignore index) gets a zero row
+    classes = torch.arange(k, dtype=prep.dtype, device=y.device).view(1, k, 1)
+    return torch.eq(y.unsqueeze(1), classes, out=ws.big(_G, nb, k, n)), w
 
 
 def _shifted(
@@ -256,8 +308,13 @@ def _shifted(
     nb, k, n = z.shape
     m = torch.amax(z, dim=1, keepdim=True, out=ws.small(_M, nb, n).unsqueeze(1))
     shifted = torch.sub(m, z, out=ws.big(slot, nb, k, n))  # >= 0
-    neg_log_pmax = torch.amax(p, dim=1, out=ws.small(_NLP, nb, n))
-    return shifted, neg_log_pmax.log_().neg_()  # >= 0
+    return shifted, _neg_log_pmax(p, ws)
+
+
+def _neg_log_pmax(p: torch.Tensor, ws: _Workspace) -> torch.Tensor:
+    """``-log max_c p_c`` (nb, n), in [0, log K]."""
+    nb, _, n = p.shape
+    return torch.amax(p, dim=1, out=ws.small(_NLP, nb, n)).log_().neg_()
 
 
 def _finite_products(x: torch.Tensor) -> torch.Tensor:
@@ -269,18 +326,229 @@ def _finite_products(x: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num_(x, nan=0.0, posinf=math.inf, neginf=-math.inf)
 
 
-def _indicator(
-    spec: UncertaintyWeight, z: torch.Tensor, p: torch.Tensor, ch: _Chunk, ws: _Workspace
-) -> torch.Tensor:
-    """Region indicator ``s`` (nb, n) from the normalised entropy of the chunk."""
+def _entropy(z: torch.Tensor, p: torch.Tensor, ws: _Workspace) -> torch.Tensor:
+    """Entropy (nats, nb x n) of the softmax of ``z``."""
     # H = sum_c p_c (lse - z_c) = sum_c p_c (m - z_c) - log max_c p_c, all terms >= 0
-    shifted, neg_log_pmax = _shifted(z, p, ws, _C)
+    shifted, neg_log_pmax = _shifted(z, p, ws, _A)
     plogp = _finite_products(shifted.mul_(p))
-    entropy = torch.sum(plogp, dim=1, out=ws.small(_H, *neg_log_pmax.shape))
-    u = entropy.add_(neg_log_pmax).div_(math.log(p.shape[1])).clamp_(max=1.0)
-    thr = spec.threshold.to(u.dtype)
-    thr = thr[ch.b0 : ch.b1, None] if thr.ndim == 1 else thr
-    return spec.indicator(u, thr)
+    return torch.sum(plogp, dim=1, out=ws.small(_H, *neg_log_pmax.shape)).add_(neg_log_pmax)
+
+
+_SOFTPLUS_THRESHOLD = 40.0
+"""``softplus(x) = x`` above it: exact to ``exp(-40) / 40``, below float64's precision."""
+
+
+def _two_class_neg_log_probs(d: torch.Tensor, ws: _Workspace) -> torch.Tensor:
+    """``-log p = [softplus(d), softplus(-d)]`` (nb, 2, n): exact, finite for finite ``d``."""
+    nb, n = d.shape
+    out = ws.big(_A, nb, 2, n)
+    torch.ops.aten.softplus.out(d, 1, _SOFTPLUS_THRESHOLD, out=out[:, 0])
+    neg = torch.neg(d, out=ws.small(_T, nb, n))
+    torch.ops.aten.softplus.out(neg, 1, _SOFTPLUS_THRESHOLD, out=out[:, 1])
+    return out
+
+
+def _two_class_entropy(d: torch.Tensor, p: torch.Tensor, ws: _Workspace) -> torch.Tensor:
+    """Entropy (nats, nb x n) of ``[sigmoid(-d), sigmoid(d)]``.
+
+    ``H = softplus(-|d|) + |d| sigmoid(-|d|)``: symmetric in ``d``, both terms non-negative (no
+    cancellation), one softplus per voxel. ``sigmoid(-|d|) = min(p_0, p_1)``.
+    """
+    a = torch.abs(d, out=ws.small(_H, *d.shape))
+    h = torch.ops.aten.softplus.out(
+        torch.neg(a, out=ws.small(_T, *d.shape)), 1, _SOFTPLUS_THRESHOLD, out=ws.small(_U, *d.shape)
+    )
+    tail = torch.minimum(p[:, 0], p[:, 1], out=ws.small(_M, *d.shape)).mul_(a)
+    return a.copy_(h).add_(_finite_products(tail))  # |d| = inf: 0 * inf -> 0
+
+
+def _class_sum(
+    row: Optional[torch.Tensor], x: torch.Tensor, ws: _Workspace, slot: int
+) -> torch.Tensor:
+    """``sum_c row_c x_c`` per voxel (nb, 1, n) for ``row`` (nb, K) or (K,); ``row=None`` sums
+    ``x`` over the classes. A mat-vec product: one pass over ``x``, no (nb, K, n) temporary."""
+    nb, k, n = x.shape
+    out = ws.small(slot, nb, n).unsqueeze(1)
+    if row is None:
+        return torch.sum(x, dim=1, keepdim=True, out=out)
+    return torch.bmm(row.expand(nb, k).unsqueeze(1), x, out=out)
+
+
+class _ChunkSums(NamedTuple):
+    """One chunk's contribution to the target-dependent sums (see ``RegionStats``)."""
+
+    ce_num: torch.Tensor  # (nb,)
+    ce_den: torch.Tensor  # (nb,)
+    inter: torch.Tensor  # (nb, K)
+    ground: torch.Tensor  # (nb, K)
+
+
+def _weighted_sum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``sum_v w_v x_{c,v}`` (nb, K) as a mat-vec product (one pass over ``x``).
+
+    Written as ``w^T x^T``: the form ``x w`` takes a slow path in ATen's CPU ``bmm`` for more
+    than one sample per chunk (measured 35x slower).
+    """
+    return torch.bmm(w.unsqueeze(1), x.mT)[:, 0]
+
+
+def _onehot_sums(d: _ChunkData, cw: Optional[torch.Tensor], ws: _Workspace) -> _ChunkSums:
+    """Sums for label targets (``g`` one-hot): the CE is needed only at the voxel's class, so
+    it is formed per voxel, ``-log p_y = (m - z_y) + (-log max_c p_c)``, with ``z_y`` exact
+    (a sum of one logit and zeros) and both parts non-negative (see ``_shifted``)."""
+    z, p, g, w = d.z, d.p, d.g, d.w
+    assert z is not None
+    nb, k, n = p.shape
+    m = torch.amax(z, dim=1, out=ws.small(_M, nb, n))
+    z_y = _class_sum(None, _finite_products(torch.mul(g, z, out=ws.big(_A, nb, k, n))), ws, _T)
+    ce = torch.sub(m, z_y.squeeze(1), out=m).add_(_neg_log_pmax(p, ws))
+    wy = w if cw is None else _class_sum(cw, g, ws, _U).squeeze(1).mul_(w)  # w * omega_y
+    return _ChunkSums(
+        ce_num=_finite_products(ce.mul_(wy)).sum(-1),
+        ce_den=wy.sum(-1),
+        inter=_weighted_sum(torch.mul(p, g, out=ws.big(_A, nb, k, n)), w),
+        ground=_weighted_sum(g, w),  # g^2 = g
+    )
+
+
+def _dense_sums(
+    d: _ChunkData, cw: Optional[torch.Tensor], squared: bool, ws: _Workspace
+) -> _ChunkSums:
+    """Sums for probability targets ``g``: the CE per class."""
+    z, p, g, w = d.z, d.p, d.g, d.w
+    assert z is not None
+    wg = torch.mul(g, w.unsqueeze(1), out=ws.big(_A, *g.shape))
+    wg_sum = wg.sum(-1)
+    inter = torch.mul(p, wg, out=ws.big(_B, *p.shape)).sum(-1)
+    ground = torch.mul(g, wg, out=ws.big(_B, *p.shape)).sum(-1) if squared else wg_sum
+    # the CE numerator per class, sum_v w g_c (lse - z_c) with lse - z_c split into
+    # (m - z_c) + (-log max p), then class-weighted
+    shifted, neg_log_pmax = _shifted(z, p, ws, _B)
+    ce_c = _finite_products(shifted.mul_(wg)).sum(-1)
+    ce_c += _weighted_sum(wg, neg_log_pmax)
+    return _ChunkSums(
+        ce_num=(ce_c if cw is None else ce_c * cw).sum(-1),
+        ce_den=(wg_sum if cw is None else wg_sum * cw).sum(-1),
+        inter=inter,
+        ground=ground,
+    )
+
+
+def _chunk_grad(
+    d: _ChunkData,
+    up: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    cw: Optional[torch.Tensor],
+    squared: bool,
+    onehot: bool,
+    ws: _Workspace,
+    out: torch.Tensor,
+) -> None:
+    r"""dL/dz (nb, K, n) into ``out``.
+
+    ``up = (gce, gi, gp)``: the incoming gradients of ``ce_num`` (nb,), ``inter`` and ``pred``
+    (nb, K; ``gp`` already times the power ``k``). With the class sums (per voxel)
+    $U = \sum_c gi_c p_c g_c$, $S = \sum_c gp_c p_c^k$ and $A = \sum_c \omega_c g_c$, the
+    gradient of the module docs is
+
+    $$
+    dz_j = w\,p_j\,(gp_j\,p_j^{k-1} + t) + w\,g_j\,(gi_j\,p_j - gce\,\omega_j),
+    \qquad t = gce\,A - U - S.
+    $$
+
+    For a one-hot ``g`` the last term is $g_j\,c$ with the per-voxel $c = w\,(U - gce\,A)$, so
+    that ``w t = -c - w S`` and the whole gradient takes three passes over (nb, K, n) after the
+    softmax: ``p g``, the outer product ``gp w + w t``, and its product with ``p`` plus ``g c``.
+    """
+    p, g, w = d.p, d.g, d.w
+    nb, k, n = p.shape
+    gce, gi, gp = up
+    pk = torch.mul(p, p, out=ws.big(_B, nb, k, n)) if squared else p
+    s_sum = _class_sum(gp, pk, ws, _T)
+    u_sum = _class_sum(gi, torch.mul(p, g, out=ws.big(_A, nb, k, n)), ws, _U)
+    w1 = w.unsqueeze(1)
+    gce1 = gce.view(nb, 1, 1)
+    a_sum = None if (cw is None and onehot) else _class_sum(cw, g, ws, _H)  # A (1 if one-hot)
+    gce_a = gce1 if a_sum is None else a_sum.mul_(gce1)
+    if onehot:
+        c = u_sum.sub_(gce_a).mul_(w1)
+        wt = s_sum.mul_(w1).add_(c).neg_()
+    else:
+        wt = gce_a.sub_(u_sum).sub_(s_sum).mul_(w1)  # gce_a is a_sum: a buffer
+    gp3 = gp.unsqueeze(-1)
+    if squared:
+        x = torch.mul(p, w1, out=ws.big(_A, nb, k, n)).mul_(gp3).add_(wt)
+    else:
+        x = torch.addcmul(wt, gp3, w1, out=ws.big(_A, nb, k, n))
+    torch.mul(p, x, out=out)
+    if onehot:
+        out.addcmul_(g, c)
+        return
+    # w g (gi p - gce omega), the target term of probability targets
+    omega = gce1 if cw is None else cw.view(1, -1, 1) * gce1
+    y = torch.mul(p, gi.unsqueeze(-1), out=ws.big(_A, nb, k, n)).sub_(omega).mul_(g)
+    out.addcmul_(y, w1)
+
+
+def _two_class_sums(
+    d: _ChunkData, cw: Optional[torch.Tensor], squared: bool, onehot: bool, ws: _Workspace
+) -> _ChunkSums:
+    """Sums for two classes from ``-log p = [softplus(d), softplus(-d)]``; for label targets
+    only the voxel's class is needed, ``-log p_y = softplus(d (1 - 2 y))`` (softplus is the
+    costliest op of the chunk, so once per voxel, not twice)."""
+    x, p, g, w = d.d, d.p, d.g, d.w
+    assert x is not None
+    g_sum = _weighted_sum(g, w)
+    if onehot:
+        # the sign 1 - 2 y first: d - 2 d y would turn an infinite d into inf - inf = NaN
+        signed = torch.mul(g[:, 1], -2.0, out=ws.small(_T, *x.shape)).add_(1.0).mul_(x)
+        ce_v = torch.ops.aten.softplus.out(signed, 1, _SOFTPLUS_THRESHOLD, out=signed)
+        wy = w if cw is None else _class_sum(cw, g, ws, _U).squeeze(1).mul_(w)  # w * omega_y
+        ce_num, ce_den = _finite_products(ce_v.mul_(wy)).sum(-1), wy.sum(-1)
+        ground = g_sum  # g^2 = g
+    else:
+        ce_c = _weighted_sum(_finite_products(_two_class_neg_log_probs(x, ws).mul_(g)), w)
+        ce_num = (ce_c if cw is None else ce_c * cw).sum(-1)
+        ce_den = (g_sum if cw is None else g_sum * cw).sum(-1)
+        ground = _weighted_sum(torch.mul(g, g, out=ws.big(_B, *g.shape)), w) if squared else g_sum
+    return _ChunkSums(
+        ce_num=ce_num,
+        ce_den=ce_den,
+        inter=_weighted_sum(torch.mul(p, g, out=ws.big(_A, *p.shape)), w),
+        ground=ground,
+    )
+
+
+def _two_class_grad(
+    d: _ChunkData,
+    up: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    cw: Optional[torch.Tensor],
+    squared: bool,
+    ws: _Workspace,
+) -> torch.Tensor:
+    r"""dL/dd (nb, n) for two classes; then ``dz_1 = dd``, ``dz_0 = -dd``.
+
+    With ``p_1 = sigmoid(d)``: ``dp_1/dd = p_0 p_1 = -dp_0/dd`` and
+    ``d(-log p_c)/dd = p_1 - [c = 1]``, so, with $h_c$ and $A$ as in ``_chunk_grad``,
+
+    $$
+    \frac{\partial L}{\partial d} = w\,\big[p_0 p_1 (h_1 - h_0)
+        + gce\,(A\,p_1 - \omega_1 g_1)\big],\qquad
+    h_1 - h_0 = gi_1 g_1 - gi_0 g_0 + gp_1 p_1^{k-1} - gp_0 p_0^{k-1}.
+    $$
+    """
+    p, g, w = d.p, d.g, d.w
+    gce, gi, gp = up
+    sign = torch.tensor([-1.0, 1.0], dtype=p.dtype, device=p.device)
+    dh = _class_sum(gi * sign, g, ws, _T).squeeze(1)
+    if squared:
+        dh.add_(_class_sum(gp * sign, p, ws, _U).squeeze(1))
+    else:
+        dh.add_((gp[:, 1] - gp[:, 0]).unsqueeze(-1))
+    dd = dh.mul_(p[:, 0]).mul_(p[:, 1])
+    a_sum = _class_sum(cw, g, ws, _U).squeeze(1)  # A
+    ce = a_sum.mul_(p[:, 1])
+    ce = ce.sub_(g[:, 1]) if cw is None else ce.addcmul_(g[:, 1], cw[1], value=-1)
+    return dd.addcmul_(ce, gce.unsqueeze(-1)).mul_(w)
 
 
 class _FusedRegionStats(torch.autograd.Function):
@@ -301,7 +569,7 @@ class _FusedRegionStats(torch.autograd.Function):
         ctx.opts, ctx.spec = opts, spec
         prep = _prepare(logits, target, region_weight, opts)
         spec = None if spec is None or threshold is None else spec._replace(threshold=threshold)
-        squared = opts.squared_pred
+        squared, onehot = opts.squared_pred, prep.labels is not None
         dtype, k = prep.dtype, prep.num_classes
         bsz, channels, voxels = prep.logits.shape
         ce_num, ce_den = logits.new_zeros(bsz, dtype=dtype), logits.new_zeros(bsz, dtype=dtype)
@@ -312,22 +580,21 @@ class _FusedRegionStats(torch.autograd.Function):
         ws = _Workspace(logits, dtype, chunks, k)
         for ch in chunks:
             b = slice(ch.b0, ch.b1)
-            z, p, g, w, ind = _load_chunk(prep, ch, ws, spec)
-            if ind is not None:
-                mass[b] += ind.sum(-1)
-            wg = torch.mul(g, w.unsqueeze(1), out=ws.big(_A, *g.shape))
-            wg_sum = wg.sum(-1)
-            pk = torch.mul(p, p, out=ws.big(_B, *p.shape)) if squared else p
-            pred[b] += torch.bmm(pk, w.unsqueeze(-1))[..., 0]
-            inter[b] += torch.mul(p, wg, out=ws.big(_B, *p.shape)).sum(-1)
-            ground[b] += torch.mul(g, wg, out=ws.big(_B, *p.shape)).sum(-1) if squared else wg_sum
-            # the CE numerator per class, sum_v w g_c (lse - z_c) with lse - z_c split into
-            # (m - z_c) + (-log max p), then class-weighted
-            shifted, neg_log_pmax = _shifted(z, p, ws, _B)
-            ce_c = _finite_products(shifted.mul_(wg)).sum(-1)
-            ce_c += torch.bmm(wg, neg_log_pmax.unsqueeze(-1))[..., 0]
-            ce_num[b] += (ce_c if cw is None else ce_c * cw).sum(-1)
-            ce_den[b] += (wg_sum if cw is None else wg_sum * cw).sum(-1)
+            d = _load_chunk(prep, ch, ws, spec)
+            if d.indicator is not None:
+                mass[b] += d.indicator.sum(-1)
+            pk = torch.mul(d.p, d.p, out=ws.big(_B, *d.p.shape)) if squared else d.p
+            pred[b] += _weighted_sum(pk, d.w)
+            if d.d is not None:
+                sums = _two_class_sums(d, cw, squared, onehot, ws)
+            elif onehot:
+                sums = _onehot_sums(d, cw, ws)
+            else:
+                sums = _dense_sums(d, cw, squared, ws)
+            ce_num[b] += sums.ce_num
+            ce_den[b] += sums.ce_den
+            inter[b] += sums.inter
+            ground[b] += sums.ground
         ctx.mark_non_differentiable(ce_den, ground, mass)
         return ce_num, ce_den, inter, pred, ground, mass
 
@@ -348,7 +615,7 @@ class _FusedRegionStats(torch.autograd.Function):
             if ctx.spec is None or threshold is None
             else ctx.spec._replace(threshold=threshold)
         )
-        squared = ctx.opts.squared_pred
+        squared, onehot = ctx.opts.squared_pred, prep.labels is not None
         dtype, k = prep.dtype, prep.num_classes
         bsz, channels, voxels = prep.logits.shape
         g_ce, g_inter, g_pred = (t.to(dtype) for t in (g_ce, g_inter, g_pred))
@@ -360,27 +627,23 @@ class _FusedRegionStats(torch.autograd.Function):
         ws = _Workspace(logits, dtype, chunks, k)
         for ch in chunks:
             b = slice(ch.b0, ch.b1)
-            _, p, g, w, _ = _load_chunk(prep, ch, ws, spec)
-            nb, _, n = p.shape
-            gce = g_ce[b].view(-1, 1, 1)
-            gi, gp = g_inter[b].unsqueeze(-1), g_pred[b].unsqueeze(-1)  # (nb, K, 1)
-            # With h_c = dL/dp_c per unit weight = gi_c g_c + gp_c p_c^(k-1), a = class-weighted
-            # target and A = sum_c a_c, the softmax chain rule gives
-            #   dz = w [p (h - sum_c p_c h_c + gce A) - gce a]
-            #      = w [p t + gp p^k + gi (p g) - gce a],   t = gce A - sum_c p_c h_c,
-            # built from in-place multiply-adds and mat-vec products for the class sums.
-            pk = torch.mul(p, p, out=ws.big(_B, nb, k, n)) if squared else p
-            pg = torch.mul(p, g, out=ws.big(_A, nb, k, n))
-            gi_t, gp_t = gi.transpose(1, 2), gp.transpose(1, 2)  # (nb, 1, K)
-            weights = torch.ones_like(gi_t) if cw is None else cw.view(1, 1, -1).expand_as(gi_t)
-            t = torch.bmm(weights, g, out=ws.small(_T, nb, n).unsqueeze(1)).mul_(gce)
-            u = ws.small(_U, nb, n).unsqueeze(1)
-            t.sub_(torch.bmm(gi_t, pg, out=u)).sub_(torch.bmm(gp_t, pk, out=u))
-            dz = torch.mul(p, t, out=ws.big(_C, nb, k, n))
-            dz.addcmul_(pk, gp).addcmul_(pg, gi)
-            dz.addcmul_(g, gce if cw is None else gce * cw.view(1, -1, 1), value=-1)
+            d = _load_chunk(prep, ch, ws, spec)
             out = grad[b, :, ch.s0 : ch.s1]
-            torch.mul(dz[:, 1:] if prep.binary else dz, w.unsqueeze(1), out=out)
+            up = (g_ce[b], g_inter[b], g_pred[b])
+            if d.d is not None:  # two classes: the gradient of d, +- per logit
+                dd = _two_class_grad(d, up, cw, squared, ws)
+                if prep.binary:
+                    out[:, 0].copy_(dd)
+                else:
+                    out[:, 1].copy_(dd)
+                    torch.neg(dd, out=out[:, 0])
+                continue
+            # dz goes straight into the gradient unless it needs a cast (half logits)
+            direct = grad.dtype == dtype
+            dz = out if direct else ws.big(_D, *d.p.shape)
+            _chunk_grad(d, up, cw, squared, onehot, ws, dz)
+            if not direct:
+                out.copy_(dz)
         return grad.view_as(logits), None, None, None, None, None, None
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Callable, NamedTuple, Optional
 
 import pytest
@@ -285,8 +286,11 @@ def assert_results_close(fused: Result, reference: Result, **tol: Any) -> None:
     assert fused.value.dtype == reference.value.dtype
     assert fused.value.shape == reference.value.shape
     assert fused.grad.dtype == reference.grad.dtype
-    torch.testing.assert_close(fused.value, reference.value, **tol, msg=lambda m: f"value: {m}")
-    torch.testing.assert_close(fused.grad, reference.grad, **tol, msg=lambda m: f"grad: {m}")
+    # equal_nan: where the reference's gradient overflows (smooth_dr = 0 and a class with
+    # vanishing mass) the fused one must be non-finite at the same places, NaN where it is NaN
+    close = partial(torch.testing.assert_close, **tol, equal_nan=True)
+    close(fused.value, reference.value, msg=lambda m: f"value: {m}")
+    close(fused.grad, reference.grad, msg=lambda m: f"grad: {m}")
 
 
 def assert_stats_close(fused: RegionStats, reference: RegionStats, **tol: Any) -> None:
@@ -735,6 +739,50 @@ def test_empty_region_is_finite_and_ce_exactly_zero(
         assert torch.equal(getattr(stats, name), torch.zeros_like(getattr(stats, name))), name
     if mass is not None:  # no derived weight: zeros
         assert torch.equal(mass, torch.zeros_like(mass))
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan], ids=["+inf", "-inf", "nan"])
+@pytest.mark.parametrize("at_target", [True, False])
+@pytest.mark.parametrize("kind", ["labels", "soft"])
+def test_non_finite_logits_behave_as_in_the_reference(
+    channels: int, value: float, at_target: bool, kind: str
+) -> None:
+    """One non-finite logit, at the voxel's target class or at another one: the fused loss is
+    NaN / Inf / finite exactly where the reference's is (two classes are computed from the
+    logit difference, which must not hide a +Inf), and validation raises for both or neither."""
+    case = simple_case((2, channels, 3, 4), kind, "float", seed=5)
+    logits = case.logits.clone()
+    target = case.target.clone()
+    k = max(channels, 2)
+    if kind == "labels":
+        target[0, 1, 2] = 0
+    else:  # all mass on class 0 at that voxel
+        target[0, :, 1, 2] = 0.0
+        if channels > 1:
+            target[0, 0, 1, 2] = 1.0
+    # the logit of class 0 (its own class at the voxel) or of the last class (another one);
+    # binary logits hold the foreground (class 1) logit only
+    cls = (0 if at_target else k - 1) if channels > 1 else 0
+    logits[0, cls, 1, 2] = value
+    results = {}
+    for impl in ("reference", "fused"):
+        z = logits.clone().requires_grad_()
+        loss = region_ce_dice_loss(z, target, case.weight, impl=impl, validate=False)
+        loss.backward()
+        assert z.grad is not None
+        results[impl] = (loss.detach(), z.grad)
+        try:
+            region_ce_dice_loss(logits, target, case.weight, impl=impl)
+            results[impl] += (None,)
+        except ValueError as error:
+            assert "`logits` must be finite" in str(error)
+            results[impl] += ("raised",)
+    (fv, fg, fr), (rv, rg, rr) = results["fused"], results["reference"]
+    assert fr == rr
+    torch.testing.assert_close(fv, rv, **F64, equal_nan=True)
+    if torch.isfinite(rv):
+        torch.testing.assert_close(fg, rg, **F64, equal_nan=True)
 
 
 @pytest.mark.parametrize("smooth_dr", [0.0, 1e-5])
