@@ -6,13 +6,19 @@ implementation in [`bual_losses.losses`][], so the loss is finished by the same 
 paths. What differs is how the per-voxel work is done:
 
 *   **forward** walks the voxels in chunks of about
-    [`CHUNK_ELEMENTS`][bual_losses.fused.CHUNK_ELEMENTS] logits. Per chunk: one softmax (binary
-    logits use ``softmax([0, z]) = [1 - sigmoid(z), sigmoid(z)]``), the log-sum-exp recovered
-    from the softmax as ``lse = max_c z_c - log max_c p_c`` (exact and finite for logits of any
-    size, since ``max_c p_c >= 1/C``), and the sums of
-    [`RegionStats`][bual_losses.losses.RegionStats] accumulated in float32 (float64 for float64
-    logits). Nothing of size ``(B, C, *S)`` is kept: autograd saves only the inputs (logits,
-    target, weight) and per-sample scalars.
+    [`CHUNK_ELEMENTS`][bual_losses.fused.CHUNK_ELEMENTS] logits. Per chunk: one softmax, the
+    cross-entropy from ``lse - z_c = (max_c z_c - z_c) - log max_c p_c`` (both parts
+    non-negative: exact and finite for logits of any size, since ``max_c p_c >= 1/K``), and the
+    sums of [`RegionStats`][bual_losses.losses.RegionStats] accumulated in float32 (float64 for
+    float64 logits). Label targets become a one-hot chunk by one compare of the labels with the
+    class values; sums over voxels are mat-vec products. Nothing of size ``(B, C, *S)`` is
+    kept: autograd saves only the inputs (logits, target, weight) and per-sample scalars.
+
+*   **two classes** (binary logits, or ``C = 2``) depend on the logits only through
+    ``d = z_1 - z_0`` (``d = z`` for binary logits), so they run on ``(B, N)`` arrays:
+    ``p = [sigmoid(-d), sigmoid(d)]``, ``-log p = [softplus(d), softplus(-d)]`` (once per voxel
+    for labels: ``softplus(d (1 - 2y))``), and the backward computes $\partial L/\partial d$,
+    written as $\pm$ to the two logits. This halves the passes of the LA-style binary case.
 
 *   **backward** recomputes the softmax per chunk and writes the closed-form gradient straight
     into one preallocated tensor. With $h_c = \partial L / \partial p_c$ per unit weight,
@@ -27,7 +33,8 @@ paths. What differs is how the per-voxel work is done:
     incoming gradients of ``ce_num``, ``inter`` and ``pred``.
 
 Uncertainty weights can be derived inside the node from the same softmax (normalised entropy
-``u = (lse - sum_c p_c z_c) / ln K``, then
+``u = sum_c p_c (lse - z_c) / ln K``; for two classes ``softplus(-|d|) + |d| sigmoid(-|d|)``
+nats), then
 [`UncertaintyWeight`][bual_losses.fused.UncertaintyWeight]), so the labeled branch of
 [`bidirectional_loss`][bual_losses.bidirectional.bidirectional_loss] needs no separate entropy
 map.
@@ -518,6 +525,13 @@ def _two_class_sums(
     )
 
 
+def _minus_first(row: torch.Tensor) -> torch.Tensor:
+    """``[-row_0, row_1]`` per sample, (nb, 2): the coefficients of ``x_1 - x_0``-type sums."""
+    out = row.clone()
+    out[:, 0].neg_()
+    return out
+
+
 def _two_class_grad(
     d: _ChunkData,
     up: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -538,10 +552,9 @@ def _two_class_grad(
     """
     p, g, w = d.p, d.g, d.w
     gce, gi, gp = up
-    sign = torch.tensor([-1.0, 1.0], dtype=p.dtype, device=p.device)
-    dh = _class_sum(gi * sign, g, ws, _T).squeeze(1)
+    dh = _class_sum(_minus_first(gi), g, ws, _T).squeeze(1)
     if squared:
-        dh.add_(_class_sum(gp * sign, p, ws, _U).squeeze(1))
+        dh.add_(_class_sum(_minus_first(gp), p, ws, _U).squeeze(1))
     else:
         dh.add_((gp[:, 1] - gp[:, 0]).unsqueeze(-1))
     dd = dh.mul_(p[:, 0]).mul_(p[:, 1])
