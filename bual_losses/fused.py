@@ -649,7 +649,7 @@ class _FusedRegionStats(torch.autograd.Function):
                     out[:, 0].copy_(dd)
                 else:
                     out[:, 1].copy_(dd)
-                    torch.neg(dd, out=out[:, 0])
+                    out[:, 0].copy_(dd).neg_()  # copy_ casts (half logits), neg is exact
                 continue
             # dz goes straight into the gradient unless it needs a cast (half logits)
             direct = grad.dtype == dtype

@@ -40,12 +40,16 @@ OPTIONS: list[dict[str, Any]] = [
 @pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("spatial", [(33, 40), (9, 10, 11)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels", [1, 2, 4])  # binary and C = 2: the two-class engine
 def test_fused_on_cuda_matches_cpu_reference_without_sync(
-    options: dict[str, Any], spatial: tuple[int, ...], dtype: torch.dtype
+    options: dict[str, Any], spatial: tuple[int, ...], dtype: torch.dtype, channels: int
 ) -> None:
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 4, *spatial, generator=gen, dtype=torch.float64) * 3
-    labels = torch.randint(0, 4, (3, *spatial), generator=gen)
+    k = max(channels, 2)
+    logits = torch.randn(3, channels, *spatial, generator=gen, dtype=torch.float64) * 3
+    labels = torch.randint(0, k, (3, *spatial), generator=gen)
+    if "class_weight" in options:
+        options = {**options, "class_weight": options["class_weight"][:k]}
     if "ignore_index" in options:
         labels[:, 0] = 255
     weight = torch.rand(3, *spatial, generator=gen, dtype=torch.float64)

@@ -404,7 +404,7 @@ def test_fused_equals_reference_with_tiny_chunks(case: Case, chunk: int) -> None
 
 @pytest.mark.parametrize("chunk", [7, 13, 64, 1000])
 @pytest.mark.parametrize("kind", ["labels", "soft"])
-@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("channels", [1, 2, 3])
 def test_chunk_boundaries_with_every_option(chunk: int, kind: str, channels: int) -> None:
     """Odd sizes: chunks end mid-sample, mid-row, and group 2-3 samples with a ragged tail."""
     shape = (5, channels, 3, 7)
@@ -545,7 +545,7 @@ def test_gradcheck_fused(name: str, spec: dict[str, Any], chunk: Optional[int]) 
 
 
 @pytest.mark.parametrize("kind", ["labels", "soft"])
-@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("channels", [1, 2, 3])
 def test_gradcheck_fused_stats_all_outputs(kind: str, channels: int) -> None:
     """Every output of the node at once (random cotangents on ce_num, inter and pred)."""
     case = simple_case((2, channels, 2, 3), kind, "float", squared_pred=True)
@@ -712,7 +712,7 @@ def test_derived_weight_receives_no_gradient_soft() -> None:
 
 
 @pytest.mark.parametrize("function", sorted(FUNCTIONS))
-@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("channels", [1, 2, 3])
 @pytest.mark.parametrize("empty", ["zero_weight", "all_ignored"])
 def test_empty_region_is_finite_and_ce_exactly_zero(
     function: str, channels: int, empty: str
@@ -832,7 +832,7 @@ def test_extreme_logits_finite_and_equal(
                 assert_results_close(fused, reference, rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("channels", [1, 2, 3])
 @pytest.mark.parametrize("spatial", [(1,), (1, 1), (1, 1, 1)])
 @pytest.mark.parametrize("kind", ["labels", "soft"])
 def test_single_voxel(channels: int, spatial: tuple[int, ...], kind: str) -> None:
@@ -898,7 +898,7 @@ def test_non_contiguous_target_and_weight() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("channels", [1, 2, 3])
 @pytest.mark.parametrize("kind", ["labels", "soft"])
 @pytest.mark.parametrize("scale", [3.0, 1e4])
 def test_half_precision_logits(dtype: torch.dtype, channels: int, kind: str, scale: float) -> None:
