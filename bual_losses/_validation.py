@@ -219,7 +219,7 @@ def require_class_weight(class_weight: Any, num_classes: int, logits: torch.Tens
     if not cw.is_floating_point():
         cw = cw.float()
     cw = cw.to(device=logits.device)
-    if cw.device.type == "cpu" and not _compiling() and bool((cw < 0).any() | ~cw.isfinite().all()):
+    if cw.device.type == "cpu" and not compiling() and bool((cw < 0).any() | ~cw.isfinite().all()):
         raise ValueError(f"`class_weight` must be finite and >= 0, got {cw.tolist()}.")
     return cw
 
@@ -258,7 +258,8 @@ def require_ignore_index(ignore_index: Any, kind: TargetKind) -> Optional[int]:
 # value checks (validate=True)
 
 
-def _compiling() -> bool:
+def compiling() -> bool:
+    """Whether torch.compile is tracing (value checks, which read data, are skipped then)."""
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and compiler.is_compiling())
 
@@ -268,7 +269,7 @@ def check_values(condition: torch.Tensor, message: str) -> None:
 
     CPU: checked at once. Accelerators: queued asynchronously, no host synchronisation.
     """
-    if _compiling():
+    if compiling():
         return
     if condition.device.type == "cpu":
         if not bool(condition):
@@ -283,7 +284,7 @@ def check_finite(x: torch.Tensor, name: str) -> None:
 
 def check_range(x: torch.Tensor, name: str, low: float, high: float, what: str) -> None:
     """``low <= x <= high`` everywhere (NaN fails), in one min/max pass without temporaries."""
-    if x.dtype == torch.bool or x.numel() == 0 or _compiling():
+    if x.dtype == torch.bool or x.numel() == 0 or compiling():
         return
     lo, hi = torch.aminmax(x)
     check_values((lo >= low) & (hi <= high), f"`{name}` must be {what}; found other values.")

@@ -50,6 +50,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
+from . import _validation as V
 from .losses import RegionStats, _Options, accumulation_dtype
 
 __all__ = ["ACCELERATOR_CHUNKS", "CHUNK_ELEMENTS", "UncertaintyWeight", "fused_stats"]
@@ -264,8 +265,8 @@ def _two_class_probs(prep: _Prepared, ch: _Chunk, ws: _Workspace) -> tuple[torch
         # 0 * max keeps the reference's NaN there (and with it the finiteness check)
         d.add_(torch.maximum(raw[:, 0], raw[:, 1], out=ws.small(_M, nb, n)).mul_(0.0))
     p = ws.big(_P, nb, 2, n)
-    torch.sigmoid(d, out=p[:, 1])
-    torch.sigmoid(torch.neg(d, out=ws.small(_T, nb, n)), out=p[:, 0])
+    _into(p[:, 1], torch.sigmoid, d)
+    _into(p[:, 0], torch.sigmoid, torch.neg(d, out=ws.small(_T, nb, n)))
     return d, p
 
 
@@ -287,7 +288,7 @@ def _target_and_weight(prep: _Prepared, ch: _Chunk, ws: _Workspace) -> tuple[tor
         if prep.binary:
             g2 = ws.big(_G, nb, 2, n)
             g2[:, 1:].copy_(g)
-            torch.neg(g2[:, 1:], out=g2[:, :1]).add_(1.0)
+            g2[:, :1].copy_(g).neg_().add_(1.0)
             g = g2
         elif g.dtype != prep.dtype:
             g = ws.big(_G, nb, k, n).copy_(g)
@@ -345,13 +346,27 @@ _SOFTPLUS_THRESHOLD = 40.0
 """``softplus(x) = x`` above it: exact to ``exp(-40) / 40``, below float64's precision."""
 
 
+def _softplus(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if out is None:
+        return torch.nn.functional.softplus(x, 1.0, _SOFTPLUS_THRESHOLD)
+    return torch.ops.aten.softplus.out(x, 1.0, _SOFTPLUS_THRESHOLD, out=out)
+
+
+def _into(view: torch.Tensor, op: Any, x: torch.Tensor) -> torch.Tensor:
+    """``op(x, out=view)``; through a temporary where ``view`` is not contiguous (a class row
+    of several samples), since ``torch.compile`` refuses a non-contiguous ``out=``. Decided by
+    the shapes alone, as every branch here."""
+    if view.is_contiguous():
+        return op(x, out=view)
+    return view.copy_(op(x))
+
+
 def _two_class_neg_log_probs(d: torch.Tensor, ws: _Workspace) -> torch.Tensor:
     """``-log p = [softplus(d), softplus(-d)]`` (nb, 2, n): exact, finite for finite ``d``."""
     nb, n = d.shape
     out = ws.big(_A, nb, 2, n)
-    torch.ops.aten.softplus.out(d, 1, _SOFTPLUS_THRESHOLD, out=out[:, 0])
-    neg = torch.neg(d, out=ws.small(_T, nb, n))
-    torch.ops.aten.softplus.out(neg, 1, _SOFTPLUS_THRESHOLD, out=out[:, 1])
+    _into(out[:, 0], _softplus, d)
+    _into(out[:, 1], _softplus, torch.neg(d, out=ws.small(_T, nb, n)))
     return out
 
 
@@ -362,9 +377,7 @@ def _two_class_entropy(d: torch.Tensor, p: torch.Tensor, ws: _Workspace) -> torc
     cancellation), one softplus per voxel. ``sigmoid(-|d|) = min(p_0, p_1)``.
     """
     a = torch.abs(d, out=ws.small(_H, *d.shape))
-    h = torch.ops.aten.softplus.out(
-        torch.neg(a, out=ws.small(_T, *d.shape)), 1, _SOFTPLUS_THRESHOLD, out=ws.small(_U, *d.shape)
-    )
+    h = _softplus(torch.neg(a, out=ws.small(_T, *d.shape)), out=ws.small(_U, *d.shape))
     tail = torch.minimum(p[:, 0], p[:, 1], out=ws.small(_M, *d.shape)).mul_(a)
     return a.copy_(h).add_(_finite_products(tail))  # |d| = inf: 0 * inf -> 0
 
@@ -508,7 +521,7 @@ def _two_class_sums(
     if onehot:
         # the sign 1 - 2 y first: d - 2 d y would turn an infinite d into inf - inf = NaN
         signed = torch.mul(g[:, 1], -2.0, out=ws.small(_T, *x.shape)).add_(1.0).mul_(x)
-        ce_v = torch.ops.aten.softplus.out(signed, 1, _SOFTPLUS_THRESHOLD, out=signed)
+        ce_v = _softplus(signed, out=signed)
         wy = w if cw is None else _class_sum(cw, g, ws, _U).squeeze(1).mul_(w)  # w * omega_y
         ce_num, ce_den = _finite_products(ce_v.mul_(wy)).sum(-1), wy.sum(-1)
         ground = g_sum  # g^2 = g
@@ -651,8 +664,9 @@ class _FusedRegionStats(torch.autograd.Function):
                     out[:, 1].copy_(dd)
                     out[:, 0].copy_(dd).neg_()  # copy_ casts (half logits), neg is exact
                 continue
-            # dz goes straight into the gradient unless it needs a cast (half logits)
-            direct = grad.dtype == dtype
+            # dz goes straight into the gradient unless it needs a cast (half logits) or, under
+            # torch.compile (which refuses a non-contiguous out=), is a strided chunk of it
+            direct = grad.dtype == dtype and (out.is_contiguous() or not V.compiling())
             dz = out if direct else ws.big(_D, *d.p.shape)
             _chunk_grad(d, up, cw, squared, onehot, ws, dz)
             if not direct:
@@ -666,8 +680,6 @@ def _prepare(
     region_weight: Optional[torch.Tensor],
     opts: _Options,
 ) -> _Prepared:
-    from . import _validation as V
-
     bsz, channels = logits.shape[:2]
     logits3 = logits.reshape(bsz, channels, -1)
     if not logits3.is_contiguous():

@@ -1128,3 +1128,35 @@ def test_bad_impl_raises(function: str, impl: Any) -> None:
     labels = torch.randint(0, 3, (2, 4, 4))
     with pytest.raises(ValueError, match="`impl` must be one of"):
         FUNCTIONS[function](logits, labels, impl=impl)
+
+
+# --------------------------------------------------------------------------------------------
+# 9. torch.compile
+
+
+@pytest.mark.parametrize("channels", [1, 2, 4])
+@pytest.mark.parametrize("kind", ["labels", "soft"])
+@pytest.mark.parametrize("chunk", [None, 64], ids=["whole-samples", "inside-samples"])
+def test_fused_compiles_fullgraph_and_equals_eager(channels: int, kind: str, chunk: int) -> None:
+    """The default (fused) path traces without a graph break, forward and backward, for every
+    engine (K > 2, two classes, binary), with chunks of several samples or inside one; every
+    ``out=`` is contiguous (dynamo refuses others). Backend ``aot_eager``: traced, no codegen."""
+    case = simple_case((2, channels, 5, 6), kind, "float", squared_pred=True, seed=7)
+    options = dict(case.options)
+    if kind == "labels":
+        options["ignore_index"] = 255
+        case.target[0, 0] = 255
+
+    def loss_fn(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return region_ce_dice_loss(z, y, w, **options)
+
+    with chunk_elements(chunk or fused_module.CHUNK_ELEMENTS):
+        z = case.logits.clone().requires_grad_()
+        eager = loss_fn(z, case.target, case.weight)
+        (eager_grad,) = torch.autograd.grad(eager, z)
+        torch._dynamo.reset()
+        compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+        out = compiled(z, case.target, case.weight)
+        (compiled_grad,) = torch.autograd.grad(out, z)
+    torch.testing.assert_close(out, eager, **F64)
+    torch.testing.assert_close(compiled_grad, eager_grad, **F64)
