@@ -412,6 +412,16 @@ def _weighted_sum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.bmm(w.unsqueeze(1), x.mT)[:, 0]
 
 
+def _class_weighted(
+    ce_c: torch.Tensor, g_sum: torch.Tensor, cw: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ce_num, ce_den)`` (nb,) from the per-class CE numerators and weighted target masses
+    (nb, K): their class-weighted sums."""
+    if cw is not None:
+        ce_c, g_sum = ce_c * cw, g_sum * cw
+    return ce_c.sum(-1), g_sum.sum(-1)
+
+
 def _onehot_sums(d: _ChunkData, cw: Optional[torch.Tensor], ws: _Workspace) -> _ChunkSums:
     """Sums for label targets (``g`` one-hot): the CE is needed only at the voxel's class, so
     it is formed per voxel, ``-log p_y = (m - z_y) + (-log max_c p_c)``, with ``z_y`` exact
@@ -446,12 +456,7 @@ def _dense_sums(
     shifted, neg_log_pmax = _shifted(z, p, ws, _B)
     ce_c = _finite_products(shifted.mul_(wg)).sum(-1)
     ce_c += _weighted_sum(wg, neg_log_pmax)
-    return _ChunkSums(
-        ce_num=(ce_c if cw is None else ce_c * cw).sum(-1),
-        ce_den=(wg_sum if cw is None else wg_sum * cw).sum(-1),
-        inter=inter,
-        ground=ground,
-    )
+    return _ChunkSums(*_class_weighted(ce_c, wg_sum, cw), inter=inter, ground=ground)
 
 
 def _chunk_grad(
@@ -527,8 +532,7 @@ def _two_class_sums(
         ground = g_sum  # g^2 = g
     else:
         ce_c = _weighted_sum(_finite_products(_two_class_neg_log_probs(x, ws).mul_(g)), w)
-        ce_num = (ce_c if cw is None else ce_c * cw).sum(-1)
-        ce_den = (g_sum if cw is None else g_sum * cw).sum(-1)
+        ce_num, ce_den = _class_weighted(ce_c, g_sum, cw)
         ground = _weighted_sum(torch.mul(g, g, out=ws.big(_B, *g.shape)), w) if squared else g_sum
     return _ChunkSums(
         ce_num=ce_num,
