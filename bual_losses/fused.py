@@ -32,10 +32,10 @@ paths. What differs is how the per-voxel work is done:
     where $a_c = \omega_c g_c$ (class-weighted target), $A = \sum_c a_c$ and the bars are the
     incoming gradients of ``ce_num``, ``inter`` and ``pred``.
 
-Uncertainty weights can be derived inside the node from the same softmax (normalised entropy
-``u = sum_c p_c (lse - z_c) / ln K``; for two classes ``softplus(-|d|) + |d| sigmoid(-|d|)``
-nats), then
-[`UncertaintyWeight`][bual_losses.fused.UncertaintyWeight]), so the labeled branch of
+Uncertainty weights can be derived inside the node from the same softmax: the normalised
+entropy ``u = sum_c p_c (lse - z_c) / ln K`` (for two classes the entropy is
+``softplus(-|d|) + |d| sigmoid(-|d|)`` nats), then
+[`UncertaintyWeight`][bual_losses.fused.UncertaintyWeight]; so the labeled branch of
 [`bidirectional_loss`][bual_losses.bidirectional.bidirectional_loss] needs no separate entropy
 map.
 
@@ -158,6 +158,7 @@ class _Prepared(NamedTuple):
     binary: bool
     num_classes: int  # K
     dtype: torch.dtype  # accumulation dtype
+    classes: torch.Tensor  # (1, K, 1): the class values, for the one-hot compare of labels
 
 
 class _Workspace:
@@ -190,7 +191,8 @@ class _Workspace:
 
 
 # big slots: logits copy, probabilities, target, two for products (each reused once its value
-# has been reduced), a gradient needing a cast or a column
+# has been reduced), a K > 2 gradient chunk that cannot be written in place (a cast to half
+# logits, or a strided chunk under torch.compile)
 _Z, _P, _G, _A, _B, _D = range(6)
 # small slots: see their use
 _YF, _W, _M, _NLP, _T, _U, _H, _D2 = range(8)
@@ -200,10 +202,10 @@ class _ChunkData(NamedTuple):
     """One chunk's inputs: probabilities ``p`` and target probabilities ``g`` (nb, K, n; ``g``
     one-hot for label targets), the voxel weight ``w`` (nb, n; region weight, ignored voxels
     and a derived uncertainty weight folded in), and the logits: ``z`` (nb, K, n) for K > 2,
-    the difference ``d = z_1 - z_0`` (nb, n) for two classes (see ``_two_class_probs``)."""
+    the difference ``diff = z_1 - z_0`` (nb, n) for two classes (see ``_two_class_probs``)."""
 
     z: Optional[torch.Tensor]
-    d: Optional[torch.Tensor]
+    diff: Optional[torch.Tensor]
     p: torch.Tensor
     g: torch.Tensor
     w: torch.Tensor
@@ -300,8 +302,7 @@ def _target_and_weight(prep: _Prepared, ch: _Chunk, ws: _Workspace) -> tuple[tor
         y = ws.small(_YF, nb, n).copy_(y)
     # one-hot by a float compare against the class values: one vectorised pass, and a label
     # outside [0, K) (an ignore index) gets a zero row
-    classes = torch.arange(k, dtype=prep.dtype, device=y.device).view(1, k, 1)
-    return torch.eq(y.unsqueeze(1), classes, out=ws.big(_G, nb, k, n)), w
+    return torch.eq(y.unsqueeze(1), prep.classes, out=ws.big(_G, nb, k, n)), w
 
 
 def _shifted(
@@ -328,6 +329,9 @@ def _neg_log_pmax(p: torch.Tensor, ws: _Workspace) -> torch.Tensor:
 def _finite_products(x: torch.Tensor) -> torch.Tensor:
     """Zero the NaN of ``0 * inf`` (a -inf logit at a class with no mass) in place.
 
+    It zeroes every NaN, also one from a NaN logit: the forward adds ``0 * pred`` to ``ce_num``
+    so that NaN probabilities still reach it.
+
     A data-dependent ``where`` would cost branch mispredictions on one-hot patterns, measured at
     several times the rest of the chunk's work.
     """
@@ -353,10 +357,9 @@ def _softplus(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tens
 
 
 def _into(view: torch.Tensor, op: Any, x: torch.Tensor) -> torch.Tensor:
-    """``op(x, out=view)``; through a temporary where ``view`` is not contiguous (a class row
-    of several samples), since ``torch.compile`` refuses a non-contiguous ``out=``. Decided by
-    the shapes alone, as every branch here."""
-    if view.is_contiguous():
+    """``op(x, out=view)``; under ``torch.compile``, which refuses a non-contiguous ``out=``, a
+    class row of several samples is written through a temporary instead."""
+    if view.is_contiguous() or not V.compiling():
         return op(x, out=view)
     return view.copy_(op(x))
 
@@ -422,11 +425,11 @@ def _class_weighted(
     return ce_c.sum(-1), g_sum.sum(-1)
 
 
-def _onehot_sums(d: _ChunkData, cw: Optional[torch.Tensor], ws: _Workspace) -> _ChunkSums:
+def _onehot_sums(chunk: _ChunkData, cw: Optional[torch.Tensor], ws: _Workspace) -> _ChunkSums:
     """Sums for label targets (``g`` one-hot): the CE is needed only at the voxel's class, so
     it is formed per voxel, ``-log p_y = (m - z_y) + (-log max_c p_c)``, with ``z_y`` exact
     (a sum of one logit and zeros) and both parts non-negative (see ``_shifted``)."""
-    z, p, g, w = d.z, d.p, d.g, d.w
+    z, p, g, w = chunk.z, chunk.p, chunk.g, chunk.w
     assert z is not None
     nb, k, n = p.shape
     m = torch.amax(z, dim=1, out=ws.small(_M, nb, n))
@@ -442,10 +445,10 @@ def _onehot_sums(d: _ChunkData, cw: Optional[torch.Tensor], ws: _Workspace) -> _
 
 
 def _dense_sums(
-    d: _ChunkData, cw: Optional[torch.Tensor], squared: bool, ws: _Workspace
+    chunk: _ChunkData, cw: Optional[torch.Tensor], squared: bool, ws: _Workspace
 ) -> _ChunkSums:
     """Sums for probability targets ``g``: the CE per class."""
-    z, p, g, w = d.z, d.p, d.g, d.w
+    z, p, g, w = chunk.z, chunk.p, chunk.g, chunk.w
     assert z is not None
     wg = torch.mul(g, w.unsqueeze(1), out=ws.big(_A, *g.shape))
     wg_sum = wg.sum(-1)
@@ -460,7 +463,7 @@ def _dense_sums(
 
 
 def _chunk_grad(
-    d: _ChunkData,
+    chunk: _ChunkData,
     up: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     cw: Optional[torch.Tensor],
     squared: bool,
@@ -482,9 +485,10 @@ def _chunk_grad(
 
     For a one-hot ``g`` the last term is $g_j\,c$ with the per-voxel $c = w\,(U - gce\,A)$, so
     that ``w t = -c - w S`` and the whole gradient takes three passes over (nb, K, n) after the
-    softmax: ``p g``, the outer product ``gp w + w t``, and its product with ``p`` plus ``g c``.
+    softmax: ``p g``, the outer product ``gp w + w t``, and its product with ``p`` plus ``g c``
+    (``squared_pred`` adds ``p p`` and ``p w gp``).
     """
-    p, g, w = d.p, d.g, d.w
+    p, g, w = chunk.p, chunk.g, chunk.w
     nb, k, n = p.shape
     gce, gi, gp = up
     pk = torch.mul(p, p, out=ws.big(_B, nb, k, n)) if squared else p
@@ -515,12 +519,12 @@ def _chunk_grad(
 
 
 def _two_class_sums(
-    d: _ChunkData, cw: Optional[torch.Tensor], squared: bool, onehot: bool, ws: _Workspace
+    chunk: _ChunkData, cw: Optional[torch.Tensor], squared: bool, onehot: bool, ws: _Workspace
 ) -> _ChunkSums:
     """Sums for two classes from ``-log p = [softplus(d), softplus(-d)]``; for label targets
     only the voxel's class is needed, ``-log p_y = softplus(d (1 - 2 y))`` (softplus is the
     costliest op of the chunk, so once per voxel, not twice)."""
-    x, p, g, w = d.d, d.p, d.g, d.w
+    x, p, g, w = chunk.diff, chunk.p, chunk.g, chunk.w
     assert x is not None
     g_sum = _weighted_sum(g, w)
     if onehot:
@@ -550,7 +554,7 @@ def _minus_first(row: torch.Tensor) -> torch.Tensor:
 
 
 def _two_class_grad(
-    d: _ChunkData,
+    chunk: _ChunkData,
     up: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     cw: Optional[torch.Tensor],
     squared: bool,
@@ -567,7 +571,7 @@ def _two_class_grad(
     h_1 - h_0 = gi_1 g_1 - gi_0 g_0 + gp_1 p_1^{k-1} - gp_0 p_0^{k-1}.
     $$
     """
-    p, g, w = d.p, d.g, d.w
+    p, g, w = chunk.p, chunk.g, chunk.w
     gce, gi, gp = up
     dh = _class_sum(_minus_first(gi), g, ws, _T).squeeze(1)
     if squared:
@@ -610,18 +614,23 @@ class _FusedRegionStats(torch.autograd.Function):
         ws = _Workspace(logits, dtype, chunks, k)
         for ch in chunks:
             b = slice(ch.b0, ch.b1)
-            d = _load_chunk(prep, ch, ws, spec)
-            if d.indicator is not None:
-                mass[b] += d.indicator.sum(-1)
-            pk = torch.mul(d.p, d.p, out=ws.big(_B, *d.p.shape)) if squared else d.p
-            pred[b] += _weighted_sum(pk, d.w)
-            if d.d is not None:
-                sums = _two_class_sums(d, cw, squared, onehot, ws)
+            chunk = _load_chunk(prep, ch, ws, spec)
+            if chunk.indicator is not None:
+                mass[b] += chunk.indicator.sum(-1)
+            p = chunk.p
+            pred_c = _weighted_sum(
+                torch.mul(p, p, out=ws.big(_B, *p.shape)) if squared else p, chunk.w
+            )
+            pred[b] += pred_c
+            if chunk.diff is not None:
+                sums = _two_class_sums(chunk, cw, squared, onehot, ws)
             elif onehot:
-                sums = _onehot_sums(d, cw, ws)
+                sums = _onehot_sums(chunk, cw, ws)
             else:
-                sums = _dense_sums(d, cw, squared, ws)
-            ce_num[b] += sums.ce_num
+                sums = _dense_sums(chunk, cw, squared, ws)
+            # + 0 * pred: a NaN probability (NaN or +Inf logits) makes ce_num NaN too, as in
+            # the reference, although _finite_products zeroed the NaN of its CE terms
+            ce_num[b] += sums.ce_num + 0.0 * pred_c.sum(-1)
             ce_den[b] += sums.ce_den
             inter[b] += sums.inter
             ground[b] += sums.ground
@@ -657,11 +666,11 @@ class _FusedRegionStats(torch.autograd.Function):
         ws = _Workspace(logits, dtype, chunks, k)
         for ch in chunks:
             b = slice(ch.b0, ch.b1)
-            d = _load_chunk(prep, ch, ws, spec)
+            chunk = _load_chunk(prep, ch, ws, spec)
             out = grad[b, :, ch.s0 : ch.s1]
             up = (g_ce[b], g_inter[b], g_pred[b])
-            if d.d is not None:  # two classes: the gradient of d, +- per logit
-                dd = _two_class_grad(d, up, cw, squared, ws)
+            if chunk.diff is not None:  # two classes: the gradient of d, +- per logit
+                dd = _two_class_grad(chunk, up, cw, squared, ws)
                 if prep.binary:
                     out[:, 0].copy_(dd)
                 else:
@@ -671,8 +680,8 @@ class _FusedRegionStats(torch.autograd.Function):
             # dz goes straight into the gradient unless it needs a cast (half logits) or, under
             # torch.compile (which refuses a non-contiguous out=), is a strided chunk of it
             direct = grad.dtype == dtype and (out.is_contiguous() or not V.compiling())
-            dz = out if direct else ws.big(_D, *d.p.shape)
-            _chunk_grad(d, up, cw, squared, onehot, ws, dz)
+            dz = out if direct else ws.big(_D, *chunk.p.shape)
+            _chunk_grad(chunk, up, cw, squared, onehot, ws, dz)
             if not direct:
                 out.copy_(dz)
         return grad.view_as(logits), None, None, None, None, None, None
@@ -698,6 +707,8 @@ def _prepare(
     if region_weight is not None:
         wv = V.weight_view(region_weight, logits)
         weight = wv.reshape(wv.shape[0], -1)
+    k = 2 if binary else channels
+    dtype = accumulation_dtype(logits.dtype)
     return _Prepared(
         logits=logits3,
         labels=labels,
@@ -705,8 +716,9 @@ def _prepare(
         probs=probs,
         weight=weight,
         binary=binary,
-        num_classes=2 if binary else channels,
-        dtype=accumulation_dtype(logits.dtype),
+        num_classes=k,
+        dtype=dtype,
+        classes=torch.arange(k, dtype=dtype, device=logits.device).view(1, k, 1),
     )
 
 

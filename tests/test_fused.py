@@ -765,24 +765,25 @@ def test_non_finite_logits_behave_as_in_the_reference(
     # binary logits hold the foreground (class 1) logit only
     cls = (0 if at_target else k - 1) if channels > 1 else 0
     logits[0, cls, 1, 2] = value
-    results = {}
-    for impl in ("reference", "fused"):
-        z = logits.clone().requires_grad_()
-        loss = region_ce_dice_loss(z, target, case.weight, impl=impl, validate=False)
-        loss.backward()
-        assert z.grad is not None
-        results[impl] = (loss.detach(), z.grad)
-        try:
-            region_ce_dice_loss(logits, target, case.weight, impl=impl)
-            results[impl] += (None,)
-        except ValueError as error:
-            assert "`logits` must be finite" in str(error)
-            results[impl] += ("raised",)
-    (fv, fg, fr), (rv, rg, rr) = results["fused"], results["reference"]
-    assert fr == rr
-    torch.testing.assert_close(fv, rv, **F64, equal_nan=True)
-    if torch.isfinite(rv):
-        torch.testing.assert_close(fg, rg, **F64, equal_nan=True)
+    for function in sorted(FUNCTIONS):  # the CE alone too: its terms zero 0 * inf products
+        results = {}
+        for impl in ("reference", "fused"):
+            z = logits.clone().requires_grad_()
+            loss = FUNCTIONS[function](z, target, case.weight, impl=impl, validate=False)
+            loss.backward()
+            assert z.grad is not None
+            results[impl] = (loss.detach(), z.grad)
+            try:
+                FUNCTIONS[function](logits, target, case.weight, impl=impl)
+                results[impl] += (None,)
+            except ValueError as error:
+                assert "`logits` must be finite" in str(error)
+                results[impl] += ("raised",)
+        (fv, fg, fr), (rv, rg, rr) = results["fused"], results["reference"]
+        assert fr == rr, function
+        torch.testing.assert_close(fv, rv, **F64, equal_nan=True, msg=function)
+        if torch.isfinite(rv):
+            torch.testing.assert_close(fg, rg, **F64, equal_nan=True, msg=function)
 
 
 @pytest.mark.parametrize("smooth_dr", [0.0, 1e-5])
