@@ -207,8 +207,11 @@ def _uncertainty_map(
 ) -> torch.Tensor:
     """The caller's map (``(B, *S)`` / ``(B, 1, *S)``), else the normalised entropy of logits."""
     if given is None:
+        # in the accumulation dtype: half-precision maps would put the threshold's neighbours
+        # (u within ~1/128 of it in bfloat16) on either side, and differ from the fused path
+        z = logits.detach().to(accumulation_dtype(logits.dtype))
         with torch.no_grad():
-            u = cast(torch.Tensor, entropy_map(logits.detach(), from_logits=True, normalize=True))
+            u = cast(torch.Tensor, entropy_map(z, from_logits=True, normalize=True))
         if validate:
             V.check_finite(u, name)
         return u

@@ -902,6 +902,25 @@ def test_float32_inputs_follow_their_dtype(impl: str) -> None:
     torch.testing.assert_close(loss32.double(), loss64, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("classes", [2, 4])
+def test_half_precision_regions_agree_between_impls(dtype: torch.dtype, classes: int) -> None:
+    """Half logits: both engines take the entropy in float32, so the hard regions (and their
+    fractions) are the same voxels and the losses agree to float32 rounding."""
+    batch = make_batch(classes, (32, 32), seed=27, scale=2.0)
+    half = Batch(batch.zl.to(dtype), batch.y, batch.zu.to(dtype), batch.zt.to(dtype))
+    results = {}
+    for impl in IMPLS:
+        results[impl] = bidirectional_loss(
+            *half, step=5, high_threshold=0.6, low_threshold=0.5, impl=impl, return_parts=True
+        )
+    (fused, fparts), (ref, rparts) = results["fused"], results["reference"]
+    assert fparts.high_threshold.dtype == rparts.high_threshold.dtype == torch.float32
+    for name in ("labeled_high_fraction", "unlabeled_low_fraction"):
+        assert torch.equal(getattr(fparts, name), getattr(rparts, name)), name
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # 6. validation
 
