@@ -20,7 +20,7 @@ What is measured, per shape, each in its own fresh process (``--start-method``):
 ``weight`` is a random float region weight of shape ``(B, *S)``; labels are int64 ``(B, *S)``.
 One timed run is ``loss = f(...); loss.backward()`` (for the floor: ``logits.neg()``), with
 ``logits.grad = None`` before it (outside the timer). Times: median, min and inter-quartile range
-of all timed runs: ``--rounds`` interleaved rounds (default 5) of ``--repeats`` runs (default 9)
+of all timed runs: ``--rounds`` interleaved rounds (default 9) of ``--repeats`` runs (default 5)
 after ``--warmup`` runs, each round a fresh process (``time.perf_counter``; CUDA events +
 synchronize on CUDA), with the Python garbage collector off while timing.
 
@@ -755,7 +755,7 @@ def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in each run")
     p.add_argument(
-        "--repeats", type=int, default=None, help="timed runs per round (default 9; quick 2)"
+        "--repeats", type=int, default=None, help="timed runs per round (default 5; quick 2)"
     )
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (compile here)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats: a smoke test")
@@ -763,7 +763,7 @@ def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=None,
-        help="interleaved rounds of fresh processes per variant (default 5; quick 1)",
+        help="interleaved rounds of fresh processes per variant (default 9; quick 1)",
     )
     p.add_argument("--out", type=Path, default=None, help="Markdown output file")
     p.add_argument("--json", type=Path, default=None, help="also write raw results as JSON")
@@ -796,9 +796,9 @@ def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.repeats is None:
-        args.repeats = 2 if args.quick else 9
+        args.repeats = 2 if args.quick else 5
     if args.rounds is None:
-        args.rounds = 1 if args.quick else 5
+        args.rounds = 1 if args.quick else 9
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
     if args.compile_backend is None:
@@ -864,8 +864,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     # Rounds: every variant runs once per round, in a fresh process each time, and the rounds
     # are interleaved, so a burst of load from a noisy neighbour hits all variants alike
     # instead of whichever happened to run then; each row pools the timings of all rounds.
-    # Measured here: such bursts last tens of seconds and doubled one variant's times in one
-    # round of three, so the default takes 5 short rounds (5 x 9 runs) over 3 long ones.
+    # Measured here: such bursts last tens of seconds and can double one variant's times for a
+    # whole round, so the default takes many short rounds (9 x 5 runs): a burst then holds a
+    # small share of a row's runs, below what moves its median.
     jobs: list[tuple[str, dict[str, Any]]] = [
         (
             f"{shape} {variant} (round {rnd + 1}/{args.rounds})",
