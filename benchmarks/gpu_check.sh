@@ -11,4 +11,7 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee "$out/gpu-env.txt"
 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/gpu-tests.txt"
-python3 benchmarks/bench_losses.py --device cuda --out "$out/cuda-$(date +%F).md" 2>&1 | tail -n 80
+# 3 rounds x 10 runs: every round of reference+compile compiles afresh (inductor, tens of
+# seconds on a GPU machine), and the device tool allows 10 minutes per command
+python3 benchmarks/bench_losses.py --device cuda --rounds 3 --repeats 10 \
+  --out "$out/cuda-$(date +%F).md" 2>&1 | tail -n 80
