@@ -207,8 +207,8 @@ def _uncertainty_map(
 ) -> torch.Tensor:
     """The caller's map (``(B, *S)`` / ``(B, 1, *S)``), else the normalised entropy of logits."""
     if given is None:
-        # in the accumulation dtype: half-precision maps would put the threshold's neighbours
-        # (u within ~1/128 of it in bfloat16) on either side, and differ from the fused path
+        # in the accumulation dtype: a half-precision map would round the threshold's neighbours
+        # (a bfloat16 step is 1/256 for u in [0.5, 1)) to either side, unlike the fused path
         z = logits.detach().to(accumulation_dtype(logits.dtype))
         with torch.no_grad():
             u = cast(torch.Tensor, entropy_map(z, from_logits=True, normalize=True))

@@ -546,13 +546,6 @@ def _two_class_sums(
     )
 
 
-def _minus_first(row: torch.Tensor) -> torch.Tensor:
-    """``[-row_0, row_1]`` per sample, (nb, 2): the coefficients of ``x_1 - x_0``-type sums."""
-    out = row.clone()
-    out[:, 0].neg_()
-    return out
-
-
 def _two_class_grad(
     chunk: _ChunkData,
     up: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -563,7 +556,8 @@ def _two_class_grad(
     r"""dL/dd (nb, n) for two classes; then ``dz_1 = dd``, ``dz_0 = -dd``.
 
     With ``p_1 = sigmoid(d)``: ``dp_1/dd = p_0 p_1 = -dp_0/dd`` and
-    ``d(-log p_c)/dd = p_1 - [c = 1]``, so, with $h_c$ and $A$ as in ``_chunk_grad``,
+    ``d(-log p_c)/dd = p_1 - [c = 1]``, so, with $h_c$ and $A$ as in ``_chunk_grad``
+    (``up`` holds ``gi`` and ``gp`` with class 0 negated: ``[-x_0, x_1]``, set once per pass),
 
     $$
     \frac{\partial L}{\partial d} = w\,\big[p_0 p_1 (h_1 - h_0)
@@ -573,11 +567,11 @@ def _two_class_grad(
     """
     p, g, w = chunk.p, chunk.g, chunk.w
     gce, gi, gp = up
-    dh = _class_sum(_minus_first(gi), g, ws, _T).squeeze(1)
+    dh = _class_sum(gi, g, ws, _T).squeeze(1)
     if squared:
-        dh.add_(_class_sum(_minus_first(gp), p, ws, _U).squeeze(1))
+        dh.add_(_class_sum(gp, p, ws, _U).squeeze(1))
     else:
-        dh.add_((gp[:, 1] - gp[:, 0]).unsqueeze(-1))
+        dh.add_(gp.sum(-1, keepdim=True))
     dd = dh.mul_(p[:, 0]).mul_(p[:, 1])
     a_sum = _class_sum(cw, g, ws, _U).squeeze(1)  # A
     ce = a_sum.mul_(p[:, 1])
@@ -661,6 +655,10 @@ class _FusedRegionStats(torch.autograd.Function):
         if squared:
             g_pred = 2 * g_pred  # d(p^2)/dp = 2p
         cw = None if class_weight is None else class_weight.to(dtype)
+        if k == 2:  # the two-class gradient takes the differences gi_1 - gi_0, gp_1 - gp_0
+            sign = torch.ones_like(g_inter[:1])
+            sign[:, 0] = -1.0
+            g_inter, g_pred = g_inter * sign, g_pred * sign
         grad = torch.empty_like(prep.logits)
         chunks = _chunks(bsz, voxels, channels, logits.device)
         ws = _Workspace(logits, dtype, chunks, k)
