@@ -279,7 +279,22 @@ def check_values(condition: torch.Tensor, message: str) -> None:
 
 
 def check_finite(x: torch.Tensor, name: str) -> None:
-    check_values(torch.isfinite(x).all(), f"`{name}` must be finite; it contains NaN or Inf.")
+    """No NaN or Inf in ``x``, in one min/max pass without a full-size temporary.
+
+    NaN propagates through ``aminmax`` and fails both comparisons; ``+-inf`` lies outside
+    ``[-finfo.max, finfo.max]``. Integer and bool tensors are always finite.
+    """
+    if compiling() or x.numel() == 0:
+        return
+    if x.is_complex():
+        x = torch.view_as_real(x.resolve_conj())
+    if not x.is_floating_point():
+        return
+    largest = torch.finfo(x.dtype).max
+    lo, hi = torch.aminmax(x)
+    check_values(
+        (lo >= -largest) & (hi <= largest), f"`{name}` must be finite; it contains NaN or Inf."
+    )
 
 
 def check_range(x: torch.Tensor, name: str, low: float, high: float, what: str) -> None:

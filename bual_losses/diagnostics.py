@@ -117,6 +117,7 @@ from bual_losses._validation import (
     shape_str,
 )
 from bual_losses.distributed import SyncDist, all_reduce_sum, check_sync_dist
+from bual_losses.pseudo import pseudo_labels
 from bual_losses.uncertainty import entropy_map
 
 __all__ = [
@@ -562,7 +563,9 @@ class ErrorDetectionAccumulator:
             confidence = torch.maximum(p, 1 - p)
         else:
             probs = torch.softmax(xw, dim=1) if self.from_logits else xw
-            confidence, pseudo = probs.max(dim=1)
+            # = probs.max(dim=1), whose CPU kernel along the strided class dim is slow
+            confidence = probs.amax(dim=1)
+            pseudo = cast(torch.Tensor, pseudo_labels(probs, dim=1))
         error = (pseudo != y.long()).long()
         if self.ignore_index is None:
             weight = torch.ones_like(error)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import bual_losses.uncertainty as U
 from bual_losses.uncertainty import (
     UncertaintyEstimate,
     ensemble_uncertainty,
@@ -279,6 +281,165 @@ def test_entropy_with_exact_zeros_is_finite_and_bounded(logits: torch.Tensor, se
     # zeros drop out: the same as the entropy over the kept classes only
     kept_entropy = -(torch.where(keep, probs * probs.clamp_min(1e-300).log(), 0)).sum(1)
     torch.testing.assert_close(h, kept_entropy / math.log(logits.shape[1]))
+
+
+# --------------------------------------------------------------------------------------------
+# entropy_map: the streamed CPU path (from logits, no grad, >= _CHUNK_ELEMENTS elements)
+
+
+@contextlib.contextmanager
+def chunk_elements(size: int) -> Iterator[None]:
+    """Set the streamed path's chunk size (and threshold): 1 << 62 turns it off."""
+    saved = U._CHUNK_ELEMENTS
+    U._CHUNK_ELEMENTS = size
+    try:
+        yield
+    finally:
+        U._CHUNK_ELEMENTS = saved
+
+
+def plain_entropy(x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    with chunk_elements(1 << 62):
+        return entropy_map(x, from_logits=True, **kwargs)
+
+
+def streamed_entropy(x: torch.Tensor, chunk: int, **kwargs: Any) -> torch.Tensor:
+    with chunk_elements(chunk):
+        return entropy_map(x, from_logits=True, **kwargs)
+
+
+SPECIAL_LOGITS = (float("nan"), float("inf"), -float("inf"), 1e4, -1e4, 0.0, -0.0)
+
+
+@PROPERTY
+@given(
+    logits=class_logits(max_classes=5, max_batch=3, max_rank=2, max_side=5),
+    dim=st.integers(0, 3),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+    chunk=st.sampled_from([1, 2, 3, 7, 16, 50, 1000]),
+    special=st.sampled_from([0.0, 0.05, 0.3]),
+    normalize=st.booleans(),
+    seed=seeds(),
+)
+def test_streamed_equals_plain(
+    logits: torch.Tensor,
+    dim: int,
+    dtype: torch.dtype,
+    chunk: int,
+    special: float,
+    normalize: bool,
+    seed: int,
+) -> None:
+    """Every chunk boundary (rows and voxel blocks), class dim, dtype, NaN and +-inf."""
+    x = logits.movedim(1, dim % logits.ndim)
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.tensor(SPECIAL_LOGITS, dtype=x.dtype)
+    pick = torch.randint(len(values), x.shape, generator=generator)
+    x = torch.where(torch.rand(x.shape, generator=generator) < special, values[pick], x)
+    x = x.to(dtype)
+    dim = dim % x.ndim
+    expected = plain_entropy(x, dim=dim, normalize=normalize)
+    h = streamed_entropy(x, chunk, dim=dim, normalize=normalize)
+    assert h.dtype == expected.dtype == dtype and h.shape == expected.shape
+    assert torch.equal(h.isnan(), expected.isnan())  # NaN exactly where the plain path has NaN
+    assert not torch.signbit(h[~h.isnan()]).any()  # +0 for certain voxels
+    scale = 1.0 if normalize else math.log(max(x.shape[dim], 2))
+    if dtype in (torch.float32, torch.float64):
+        atol = scale * (1e-12 if dtype == torch.float64 else 1e-6)
+        torch.testing.assert_close(h, expected, atol=atol, rtol=0, equal_nan=True)
+    else:  # computed in float32 on both paths; the half results may differ by one rounding
+        torch.testing.assert_close(h, expected, atol=scale * 1e-6, rtol=2**-7, equal_nan=True)
+        # ... and is exactly the float32 streamed result rounded once
+        as_float = streamed_entropy(x.float(), chunk, dim=dim, normalize=normalize)
+        torch.testing.assert_close(h, as_float.to(dtype), atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("num_classes", [1, 2, 3])
+def test_streamed_inf_and_nan_follow_log_softmax(num_classes: int) -> None:
+    """+inf logit -> NaN, -inf among finite ones -> contributes 0, binary +-inf -> 0."""
+    inf, nan = float("inf"), float("nan")
+    rows = [
+        [inf, 0.0, 1.0], [-inf, 0.0, 1.0], [0.0, -inf, -inf], [-inf, -inf, -inf],
+        [inf, -inf, 0.0], [nan, 0.0, 0.0], [0.0, 0.0, 0.0], [1e4, -1e4, 0.0],
+    ]  # fmt: skip
+    x = torch.tensor(rows)[:, :num_classes].T.reshape(1, num_classes, len(rows)).contiguous()
+    for normalize in (False, True):
+        expected = plain_entropy(x, normalize=normalize)
+        for chunk in (1, 3, 100):
+            h = streamed_entropy(x, chunk, normalize=normalize)
+            torch.testing.assert_close(h, expected, atol=1e-6, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("num_classes", [1, 2])
+def test_two_class_formula(num_classes: int) -> None:
+    """H = softplus(-|d|) + |d| sigmoid(-|d|) with d the logit difference (or the binary logit)."""
+    generator = torch.Generator().manual_seed(4)
+    edges = torch.tensor([0.0, 1e-8, 30.0, -40.0, 700.0, -1e4], dtype=torch.float64)
+    d = torch.cat([torch.randn(200, generator=generator, dtype=torch.float64) * 20, edges])
+    if num_classes == 1:
+        x = d.reshape(1, 1, -1)
+    else:
+        z0 = torch.randn(d.shape, generator=generator, dtype=torch.float64)
+        x = torch.stack([z0, z0 + d]).reshape(1, 2, -1)
+        d = x[0, 1] - x[0, 0]  # the difference as it rounds
+    a = d.abs()
+    formula = torch.nn.functional.softplus(-a) + a * torch.sigmoid(-a)
+    reference = reference_entropy(probs_of(x), dim=1)[0]
+    torch.testing.assert_close(formula, reference, atol=1e-12, rtol=1e-10)
+    h = streamed_entropy(x, 16, normalize=False)[0]
+    torch.testing.assert_close(h, formula, atol=1e-15, rtol=1e-12)
+    torch.testing.assert_close(streamed_entropy(x, 16)[0], (formula / math.log(2)).clamp(max=1))
+    expected32 = (formula / math.log(2)).float().clamp(max=1)
+    torch.testing.assert_close(streamed_entropy(x.float(), 16)[0], expected32, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 200, 200), (2, 2, 80, 80, 41), (4, 1, 300, 500)])
+def test_streamed_default_chunk_on_large_inputs(shape: tuple[int, ...]) -> None:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 5
+    assert x.numel() >= U._CHUNK_ELEMENTS  # the default path is the streamed one
+    torch.testing.assert_close(
+        entropy_map(x, from_logits=True), plain_entropy(x), atol=1e-6, rtol=0
+    )
+
+
+def test_streamed_path_skipped_for_grad_and_non_viewable_inputs() -> None:
+    x = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    with chunk_elements(4):
+        z = x.clone().requires_grad_()
+        h = entropy_map(z, from_logits=True)
+        assert h.requires_grad  # the differentiable path
+        h.sum().backward()
+        assert z.grad is not None and torch.isfinite(z.grad).all()
+        with torch.no_grad():  # streamed: no autograd anyway
+            assert not entropy_map(z, from_logits=True).requires_grad
+        assert not entropy_map(z.detach(), from_logits=True).requires_grad
+        # (B, C, H, W) with H and W swapped in memory: not viewable as (P, C, N)
+        swapped = x.transpose(2, 3).contiguous().transpose(2, 3)
+        torch.testing.assert_close(entropy_map(swapped, from_logits=True), plain_entropy(x))
+        torch.testing.assert_close(entropy_map(x, from_logits=True), plain_entropy(x))
+
+
+def test_streamed_path_allocates_no_full_size_temporary() -> None:
+    """Peak extra memory of the streamed path: the output plus a few chunk-sized buffers."""
+    profiler = pytest.importorskip("torch.profiler")
+    x = torch.randn(8, 4, 128, 128)  # 2 MiB output, 8 MiB input
+    out_bytes = 8 * 128 * 128 * 4
+
+    def peak(streamed: bool) -> int:
+        with profiler.profile(activities=[profiler.ProfilerActivity.CPU], profile_memory=True) as p:
+            if streamed:
+                streamed_entropy(x, 1 << 16)
+            else:
+                plain_entropy(x)
+        current = best = 0
+        for event in sorted(p.events(), key=lambda e: e.time_range.start):
+            current += event.self_cpu_memory_usage
+            best = max(best, current)
+        return best
+
+    # chunks of 2^16 elements: two (4, 2^14) buffers and three 2^14 ones, float32
+    assert peak(True) <= out_bytes + 2 * (1 << 16) * 4 + 3 * (1 << 14) * 4 + 4096
+    assert peak(False) >= 4 * out_bytes  # what the plain path costs (log_softmax, exp, ...)
 
 
 # --------------------------------------------------------------------------------------------

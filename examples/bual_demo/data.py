@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bual_losses.pseudo import pseudo_labels
+
 MNI_FILE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 MNI_CLASSES = ("background/CSF", "grey matter", "white matter")
 MNI_SHAPE = (197, 233, 189)
@@ -90,7 +92,7 @@ def resize_slices(
     kwargs = {} if shrink else {"align_corners": False}
     x = F.interpolate(x, size=size, mode=mode, **kwargs)
     onehot = F.one_hot(y, num_classes).permute(0, 3, 1, 2).float()
-    y = F.interpolate(onehot, size=size, mode=mode, **kwargs).argmax(dim=1)
+    y = pseudo_labels(F.interpolate(onehot, size=size, mode=mode, **kwargs), dim=1)
     return x, y
 
 

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from bual_losses import ErrorDetectionAccumulator, entropy_map, mc_dropout_uncertainty
+from bual_losses.pseudo import pseudo_labels
 
 from .__main__ import build_parser, load_data
 from .data import DataError, SliceData
@@ -197,7 +198,7 @@ def figures(
     fig.savefig(paths[-1], dpi=dpi)
     # the unlabeled slice in the middle of the slab, the high region at the top-RATIO threshold
     k = len(data.unlabeled_x) // 2
-    pred = arrays["logits"][k].argmax(0)
+    pred = pseudo_labels(arrays["logits"][k], dim=0)
     tau = _at(report, "ratio_thresholds", "ratios", RATIO)
     fig = plot_error_overlay(
         data.unlabeled_x[k, 0], data.unlabeled_y[k], pred, arrays["entropy"][k],

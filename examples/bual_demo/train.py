@@ -27,6 +27,7 @@ from bual_losses import (
     region_fraction,
     uamt_threshold_schedule,
 )
+from bual_losses.pseudo import pseudo_labels
 
 from .data import SliceData, augment
 from .metrics import evaluate
@@ -86,7 +87,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch: int = 16) -> torch.Tensor:
 
 
 def _mean_dice(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: int) -> float:
-    pred = predict(model, x).argmax(1)
+    pred = pseudo_labels(predict(model, x))
     scores = []
     for c in range(1, classes):
         p, t = pred == c, y == c
@@ -241,7 +242,7 @@ class Run:
                 trusted = u <= thr
             # diagnostics from the hidden labels (never used for training): pseudo-label error
             with torch.no_grad():
-                wrong = zt.argmax(1) != yu
+                wrong = pseudo_labels(zt) != yu
                 log["pl_error"] = wrong.float().mean().item()
                 log["pl_error_trusted"] = (
                     (wrong & trusted).sum() / trusted.sum().clamp_min(1)
@@ -289,7 +290,7 @@ class Run:
         """Test-slab metrics of the student plus what the figures need (one example slice)."""
         data = self.data
         logits = predict(self.student, data.test_x)
-        pred = logits.argmax(1).numpy()
+        pred = pseudo_labels(logits).numpy()
         metrics = evaluate(pred, data.test_y.numpy(), data.num_classes, data.spacing)
         k = len(data.test_x) // 2
         est = mc_dropout_uncertainty(

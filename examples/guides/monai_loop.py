@@ -21,6 +21,7 @@ from monai.networks import one_hot
 from monai.networks.nets import UNet
 
 from bual_losses import BidirectionalLoss, RegionCEDiceLoss, region_dice_loss
+from bual_losses.pseudo import pseudo_labels
 
 
 def synthetic_volumes(
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     student.eval()
     x_test, y_test = synthetic_volumes(4, args.size, gen)
     with torch.no_grad():
-        pred = student(x_test).argmax(dim=1, keepdim=True)
+        pred = pseudo_labels(student(x_test), dim=1).unsqueeze(1)
     metric = DiceMetric(include_background=False, reduction="mean")
     dice = metric(one_hot(pred, 3), one_hot(y_test, 3)).nanmean().item()
     print(f"test Dice (foreground classes) {dice:.3f}")
