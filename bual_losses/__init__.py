@@ -7,7 +7,6 @@ region is trusted. See [`bidirectional_loss`][bual_losses.bidirectional.bidirect
 
 from .bidirectional import BidirectionalParts, bidirectional_loss
 from .diagnostics import ErrorDetectionAccumulator, ErrorDetectionReport, error_detection_report
-from .fused import UncertaintyWeight
 from .losses import (
     SSL4MIS_DICE,
     RegionStats,
@@ -16,7 +15,9 @@ from .losses import (
     region_dice_loss,
 )
 from .modules import BidirectionalLoss, RegionCEDiceLoss
+from .pseudo import pseudo_labels
 from .regions import (
+    UncertaintyWeight,
     high_uncertainty_mask,
     low_uncertainty_mask,
     ratio_threshold,
@@ -73,6 +74,7 @@ __all__ = [
     "linear_schedule",
     "low_uncertainty_mask",
     "mc_dropout_uncertainty",
+    "pseudo_labels",
     "rampup_schedule",
     "ratio_schedule",
     "ratio_threshold",

@@ -28,21 +28,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union, cast
 import torch
 
 from . import _validation as V
+from ._core import ClassWeight, Finish, Options, accumulation_dtype, parse_options
+from ._core import check_options as check_loss_options
+from ._reference import normalized_entropy
 from .distributed import SyncDist, global_mean, resolve_group
-from .fused import UncertaintyWeight, fused_stats
-from .losses import (
-    ClassWeight,
-    RegionStats,
-    _finish,
-    _Options,
-    _parse,
-    _resolve_impl,
-    _stats,
-    accumulation_dtype,
-    check_finite_stats,
-)
-from .losses import check_options as check_loss_options
-from .regions import resolve_threshold
+from .engines import region_loss
+from .regions import UncertaintyWeight, resolve_threshold
 from .schedules import (
     Numeric,
     RatioSchedule,
@@ -51,10 +42,9 @@ from .schedules import (
     rampup_schedule,
     uamt_threshold_schedule,
 )
-from .uncertainty import entropy_map
 
 if TYPE_CHECKING:
-    from torch.distributed import ProcessGroup
+    pass
 
 __all__ = ["BidirectionalParts", "bidirectional_loss", "check_bidirectional_options"]
 
@@ -203,18 +193,9 @@ def _check_logits_pair(
 
 
 def _uncertainty_map(
-    given: Optional[torch.Tensor], logits: torch.Tensor, name: str, validate: bool
+    given: torch.Tensor, logits: torch.Tensor, name: str, validate: bool
 ) -> torch.Tensor:
-    """The caller's map (``(B, *S)`` / ``(B, 1, *S)``), else the normalised entropy of logits."""
-    if given is None:
-        # in the accumulation dtype: a half-precision map would round the threshold's neighbours
-        # (a bfloat16 step is 1/256 for u in [0.5, 1)) to either side, unlike the fused path
-        z = logits.detach().to(accumulation_dtype(logits.dtype))
-        with torch.no_grad():
-            u = cast(torch.Tensor, entropy_map(z, from_logits=True, normalize=True))
-        if validate:
-            V.check_finite(u, name)
-        return u
+    """The caller's map as ``(B, *S)`` (a ``(B, 1, *S)`` map is squeezed)."""
     u = V.require_floating(given, name).detach()
     V.require_same_device(u, name, logits, "logits")
     b, _, *spatial = logits.shape
@@ -234,48 +215,70 @@ def _flat_threshold(thr: torch.Tensor) -> torch.Tensor:
     return thr.reshape(thr.shape[0]) if thr.ndim > 0 else thr
 
 
+class _Region(NamedTuple):
+    """One branch's region: ``u > tau`` (``side="high"``) or ``u <= tau`` (``"low"``) gets
+    the weight ``base + scale``, the rest ``base`` (soft with a temperature)."""
+
+    threshold: Threshold
+    side: str
+    base: float
+    scale: float
+    temperature: Optional[float]
+
+
 def _branch(
     logits: torch.Tensor,
-    target: torch.Tensor,
-    opts: _Options,
+    target: Optional[torch.Tensor],
+    opts: Options,
+    spec: Finish,
+    region: _Region,
+    *,
     impl: str,
     validate: bool,
-    *,
-    uncertainty: Optional[torch.Tensor],
-    threshold: Threshold,
     step: Numeric,
-    side: str,
-    base: float,
-    scale: float,
-    temperature: Optional[float],
-    group: Optional[ProcessGroup] = None,
-) -> tuple[RegionStats, torch.Tensor, torch.Tensor]:
-    """Statistics of one branch, its threshold and its region fraction."""
-    in_node = impl == "fused" and uncertainty is None and not isinstance(threshold, RatioSchedule)
-    if in_node:
-        # The region weight comes from the entropy of these very logits: derive it inside the
-        # fused node from the softmax it computes anyway (no entropy map, no weight tensor).
-        # resolve_threshold reads only the shape of the map for these thresholds: a (B, *S)
-        # broadcast of one element stands in for it (no memory, the true shapes in messages).
-        b, _, *spatial = logits.shape
-        probe = logits.new_zeros((), dtype=accumulation_dtype(logits.dtype)).expand(b, *spatial)
-        thr = _flat_threshold(cast(torch.Tensor, resolve_threshold(probe, threshold, step=step)))
-        spec = UncertaintyWeight(thr, side=side, base=base, scale=scale, temperature=temperature)
-        stats, mass = fused_stats(logits, target, None, opts, derived_weight=spec)
-        if validate:
-            check_finite_stats(stats)
-        return stats, thr, global_mean(mass.sum(), probe.numel(), group)
+    uncertainty: Optional[torch.Tensor],
+    teacher: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One branch through the engine entrance: its loss, threshold and region fraction.
+
+    The uncertainty is the caller's map, else the normalised entropy of ``teacher`` (if given)
+    or of the detached ``logits``. Without a map, and unless the threshold is a ratio (which
+    needs the whole map), the engine derives the region weight from the probabilities it
+    computes anyway: no ``(B, *S)`` map or weight is allocated.
+    """
+    b, _, *spatial = logits.shape
+    dtype = accumulation_dtype(logits.dtype)
+    group = spec.group
     u = uncertainty
+    if u is None and isinstance(region.threshold, RatioSchedule):
+        u = normalized_entropy(logits if teacher is None else teacher)
     if u is None:
-        u = _uncertainty_map(None, logits, "uncertainty", validate)
-    thr_full = cast(torch.Tensor, resolve_threshold(u, threshold, step=step, sync_dist=group))
-    spec = UncertaintyWeight(thr_full, side=side, base=base, scale=scale, temperature=temperature)
-    s = spec.indicator(u, thr_full)
-    weight = spec.base + spec.scale * s
-    stats = _stats(logits, target, weight, opts, impl, validate)
-    # fractions in the accumulation dtype of the logits, as the fused path's mass
-    s_sum = s.to(accumulation_dtype(logits.dtype)).sum()
-    return stats, _flat_threshold(thr_full), global_mean(s_sum, s.numel(), group)
+        # resolve_threshold reads only the shape of the map for these thresholds: a (B, *S)
+        # broadcast of one element stands in for it (no memory, the true shapes in messages)
+        probe = logits.new_zeros((), dtype=dtype).expand(b, *spatial)
+        thr = _flat_threshold(
+            cast(torch.Tensor, resolve_threshold(probe, region.threshold, step=step))
+        )
+        derived = UncertaintyWeight(thr, region.side, region.base, region.scale, region.temperature)
+        loss, mass = region_loss(
+            logits, target, None, opts, spec,
+            impl=impl, validate=validate, derived=derived, teacher=teacher,
+        )  # fmt: skip
+        return loss, thr, global_mean(mass.sum(), probe.numel(), group)
+    thr_full = cast(
+        torch.Tensor, resolve_threshold(u, region.threshold, step=step, sync_dist=group)
+    )
+    weight_of = UncertaintyWeight(
+        thr_full, region.side, region.base, region.scale, region.temperature
+    )
+    s = weight_of.indicator(u, thr_full)
+    weight = weight_of.base + weight_of.scale * s
+    loss, _ = region_loss(
+        logits, target, weight, opts, spec, impl=impl, validate=validate, teacher=teacher
+    )
+    # fractions in the accumulation dtype of the logits, as the engines' mass
+    s_sum = s.to(dtype).sum()
+    return loss, _flat_threshold(thr_full), global_mean(s_sum, s.numel(), group)
 
 
 def bidirectional_loss(
@@ -421,31 +424,24 @@ def bidirectional_loss(
         if consistency_weight is None
         else as_schedule(consistency_weight, name="consistency_weight")
     )
-    engine = _resolve_impl(impl)
-    common: dict[str, Any] = dict(
-        include_background=include_background,
-        softmax=None,
-        sigmoid=None,
-        squared_pred=squared_pred,
-        smooth_nr=smooth_nr,
-        smooth_dr=smooth_dr,
-        batch=batch,
-        class_weight=class_weight,
-        eps=eps,
-        impl=impl,
-    )
-    finish: dict[str, Any] = dict(
-        lambda_ce=lambda_ce, lambda_dice=lambda_dice, reduction="mean", group=group
-    )
+    spec = Finish(float(lambda_ce), float(lambda_dice), "mean", group)
 
-    # labeled branch: high-uncertainty emphasis
+    # labeled branch: high-uncertainty emphasis. The options are parsed once, here; the
+    # unlabeled branch differs only in its target (the teacher's pseudo-labels).
     zl = student_labeled_logits
-    opts_l = _parse(zl, labels, None, ignore_index=ignore_index, validate=validate, **common)
+    opts = parse_options(
+        zl, labels, None,
+        include_background=include_background, softmax=None, sigmoid=None,
+        squared_pred=squared_pred, smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch,
+        class_weight=class_weight, ignore_index=ignore_index, eps=eps, impl=impl,
+        validate=validate,
+    )  # fmt: skip
     if labeled_uncertainty is not None and teacher_labeled_logits is not None:
         raise ValueError(
             "Pass at most one of `labeled_uncertainty` and `teacher_labeled_logits`: both set "
             "the labeled branch's uncertainty."
         )
+    u_l: Optional[torch.Tensor] = None
     if teacher_labeled_logits is not None:
         V.require_logits(teacher_labeled_logits, "teacher_labeled_logits")
         if teacher_labeled_logits.shape != zl.shape:
@@ -453,19 +449,18 @@ def bidirectional_loss(
                 "`teacher_labeled_logits` must have the shape of `student_labeled_logits` "
                 f"{V.shape_str(zl.shape)}, got {V.shape_str(teacher_labeled_logits.shape)}."
             )
-        u_l: Optional[torch.Tensor] = _uncertainty_map(
-            None, teacher_labeled_logits, "teacher_labeled_logits", validate
+        V.require_same_device(
+            teacher_labeled_logits, "teacher_labeled_logits", zl, "student_labeled_logits"
         )
+        if validate:
+            V.check_finite(teacher_labeled_logits, "teacher_labeled_logits")
     elif labeled_uncertainty is not None:
         u_l = _uncertainty_map(labeled_uncertainty, zl, "labeled_uncertainty", validate)
-    else:
-        u_l = None if engine == "fused" else _uncertainty_map(None, zl, "uncertainty", validate)
-    stats_l, thr_h, frac_h = _branch(
-        zl, labels, opts_l, engine, validate,
-        uncertainty=u_l, threshold=tau_h, step=step,
-        side="high", base=1.0, scale=float(alpha), temperature=temperature, group=group,
+    high = _Region(tau_h, "high", 1.0, float(alpha), temperature)
+    loss_l, thr_h, frac_h = _branch(
+        zl, labels, opts, spec, high, impl=impl, validate=validate, step=step,
+        uncertainty=u_l, teacher=teacher_labeled_logits,
     )  # fmt: skip
-    loss_l = _finish(stats_l, opts_l, **finish)
 
     # a constant weight stays a Python number: evaluated at a tensor step it would be rounded
     # to the step's float dtype
@@ -477,22 +472,20 @@ def bidirectional_loss(
         parts = BidirectionalParts(loss_l, zero, lam_t, thr_h, zero, frac_h, zero)
         return (loss_l, parts) if return_parts else loss_l
 
-    # unlabeled branch: low-uncertainty selection of the teacher's pseudo-label
+    # unlabeled branch: low-uncertainty selection of the teacher's pseudo-label, both taken by
+    # the engine from the teacher's logits in the pass over the student's
     zu, zt = student_unlabeled_logits, teacher_unlabeled_logits.detach()
-    with torch.no_grad():
-        pseudo = (zt[:, 0] > 0).long() if zt.shape[1] == 1 else zt.argmax(dim=1)
-    u_name = (
-        "teacher_unlabeled_logits" if unlabeled_uncertainty is None else "unlabeled_uncertainty"
-    )
-    u_u = _uncertainty_map(unlabeled_uncertainty, zt, u_name, validate)
-    opts_u = _parse(zu, pseudo, None, ignore_index=None, validate=False, **common)
-    stats_u, thr_l, frac_l = _branch(
-        zu, pseudo, opts_u, engine, validate,
-        uncertainty=u_u, threshold=tau_l, step=step,
-        side="low", base=float(beta), scale=1.0 - float(beta), temperature=temperature,
-        group=group,
+    u_u: Optional[torch.Tensor] = None
+    if unlabeled_uncertainty is not None:
+        u_u = _uncertainty_map(unlabeled_uncertainty, zt, "unlabeled_uncertainty", validate)
+    if validate:
+        V.check_finite(zt, "teacher_unlabeled_logits")
+    opts_u = opts._replace(kind="labels", ignore_index=None)
+    low = _Region(tau_l, "low", float(beta), 1.0 - float(beta), temperature)
+    loss_u, thr_l, frac_l = _branch(
+        zu, None, opts_u, spec, low, impl=impl, validate=validate, step=step,
+        uncertainty=u_u, teacher=zt,
     )  # fmt: skip
-    loss_u = _finish(stats_u, opts_u, **finish)
     loss = loss_l + lam_t * loss_u
     if not return_parts:
         return loss

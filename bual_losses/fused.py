@@ -1,9 +1,10 @@
-r"""The fused region CE + Dice statistics: one autograd node, chunked, memory-light.
+r"""The CPU engine of ``impl="fused"``: one autograd node, chunked, memory-light.
 
 [`fused_stats`][bual_losses.fused.fused_stats] returns the same
-[`RegionStats`][bual_losses.losses.RegionStats] as ``reference_stats``, the reference
-implementation in [`bual_losses.losses`][], so the loss is finished by the same code on both
-paths. What differs is how the per-voxel work is done:
+[`RegionStats`][bual_losses.losses.RegionStats] as the reference engine, so the loss is
+finished by the same code (``bual_losses._core``) on every engine; on other devices
+[`bual_losses.engines`][] runs the launch-lean accelerator engine instead. What differs is how
+the per-voxel work is done:
 
 *   **forward** walks the voxels in chunks of about
     [`CHUNK_ELEMENTS`][bual_losses.fused.CHUNK_ELEMENTS] logits. Per chunk: one softmax, the
@@ -35,25 +36,31 @@ paths. What differs is how the per-voxel work is done:
 Uncertainty weights can be derived inside the node from the same softmax: the normalised
 entropy ``u = sum_c p_c (lse - z_c) / ln K`` (for two classes the entropy is
 ``softplus(-|d|) + |d| sigmoid(-|d|)`` nats), then
-[`UncertaintyWeight`][bual_losses.fused.UncertaintyWeight]; so the labeled branch of
+[`UncertaintyWeight`][bual_losses.regions.UncertaintyWeight]; so the labeled branch of
 [`bidirectional_loss`][bual_losses.bidirectional.bidirectional_loss] needs no separate entropy
-map.
+map. For the unlabeled branch the node also takes the teacher's logits: per chunk, their
+[`pseudo_labels`][bual_losses.pseudo.pseudo_labels] are the target and their entropy the
+uncertainty, so the teacher is read in the same pass and no ``(B, *S)`` label or uncertainty
+map is ever allocated.
 
 No ``.item()``, no host synchronisation and no data-dependent Python branches: chunk bounds come
-from shapes only, so the same code runs on CPU and CUDA.
+from shapes only. The engine is shaped for CPU caches; it runs on any device, but on
+accelerators (where every small op is a kernel launch) the accelerator engine is used.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, cast
 
 import torch
 
 from . import _validation as V
-from .losses import RegionStats, _Options, accumulation_dtype
+from ._core import Finish, Options, RegionStats, accumulation_dtype, finish
+from .pseudo import pseudo_labels
+from .regions import UncertaintyWeight
 
-__all__ = ["ACCELERATOR_CHUNKS", "CHUNK_ELEMENTS", "UncertaintyWeight", "fused_stats"]
+__all__ = ["CHUNK_ELEMENTS", "UncertaintyWeight", "fused_stats"]
 
 CHUNK_ELEMENTS = 1 << 19
 """Logits per chunk on the CPU (2 MiB of float32).
@@ -62,64 +69,6 @@ Each chunk costs a few dozen eager ops, so per-op overhead falls with the chunk 
 temporaries (a few chunk-sized buffers) must stay cache-resident: measured best of $2^{15}$ to
 $2^{21}$ on both benchmark shapes (2D: 2^18 1.3x slower, 2^20 1.1x; 3D: 1.15x and 1.1x).
 """
-
-ACCELERATOR_CHUNKS = 4
-"""About how many chunks the voxels are cut into on accelerators.
-
-On accelerators the cost is the number of kernel launches, not cache misses: each chunk holds
-at least [`CHUNK_ELEMENTS`][bual_losses.fused.CHUNK_ELEMENTS] logits, which bounds the
-temporaries to a fraction of the logits' size while keeping launches few. A first H200 run with
-CPU-sized chunks was launch-bound (``benchmarks/results/cuda-2026-11-27.md``).
-"""
-
-
-class UncertaintyWeight(NamedTuple):
-    r"""A region weight derived from the normalised entropy ``u`` of the logits themselves.
-
-    ``w = base + scale * s`` with ``s = [u > threshold]`` (``temperature=None``) or
-    ``sigmoid((u - threshold) / temperature)`` for ``side="high"``; for ``side="low"`` the
-    complement ``[u <= threshold]`` or ``sigmoid((threshold - u) / temperature)`` (ties
-    ``u == threshold`` go to the low side, as in [`bual_losses.regions`][]). The weight carries
-    no gradient.
-
-    Attributes:
-        threshold: the threshold of ``u``: a 0-d tensor or one value per sample, shape ``(B,)``.
-        side: ``"high"`` (the region ``u > threshold`` gets the extra weight) or ``"low"``
-            (``u <= threshold`` does).
-        base: the weight outside the region (``s = 0``).
-        scale: the weight added inside the region (``w = base + scale`` where ``s = 1``).
-        temperature: ``None`` for the hard indicator, else the temperature of the sigmoid.
-
-    Examples:
-        >>> import torch
-        >>> from bual_losses import UncertaintyWeight
-        >>> u, tau = torch.tensor([0.2, 0.5, 0.9]), torch.tensor(0.5)
-        >>> UncertaintyWeight(tau, side="high", base=1.0, scale=1.0)(u, tau)  # 1 + [u > tau]
-        tensor([1., 1., 2.])
-        >>> UncertaintyWeight(tau, side="low", base=0.0, scale=1.0)(u, tau)  # [u <= tau]
-        tensor([1., 1., 0.])
-        >>> UncertaintyWeight(tau, temperature=0.1).indicator(u, tau)  # sigmoid((u - tau) / T)
-        tensor([0.0474, 0.5000, 0.9820])
-    """
-
-    threshold: torch.Tensor
-    side: str = "high"
-    base: float = 1.0
-    scale: float = 1.0
-    temperature: Optional[float] = None
-
-    def indicator(self, u: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-        """Region membership ``s`` in [0, 1]; ``threshold`` shaped to broadcast against ``u``."""
-        if self.temperature is None:
-            high = u > threshold
-            return (high if self.side == "high" else ~high).to(u.dtype)
-        z = (u - threshold) / self.temperature
-        return torch.sigmoid(z if self.side == "high" else -z)
-
-    def __call__(self, u: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-        """The weight ``base + scale * s``."""
-        return self.base + self.scale * self.indicator(u, threshold)
-
 
 _NO_TENSOR = torch.empty(0)
 
@@ -131,12 +80,9 @@ class _Chunk(NamedTuple):
     s1: int
 
 
-def _chunks(batch: int, voxels: int, channels: int, device: torch.device) -> list[_Chunk]:
+def _chunks(batch: int, voxels: int, channels: int) -> list[_Chunk]:
     """Chunks of whole samples when samples are small, of voxel ranges inside one sample else."""
-    elements = CHUNK_ELEMENTS
-    if device.type != "cpu":
-        elements = max(elements, -(-batch * voxels * channels // ACCELERATOR_CHUNKS))
-    per_chunk = max(1, elements // max(channels, 1))
+    per_chunk = max(1, CHUNK_ELEMENTS // max(channels, 1))
     if voxels <= per_chunk:
         step = max(1, per_chunk // voxels)
         return [_Chunk(b, min(b + step, batch), 0, voxels) for b in range(0, batch, step)]
@@ -152,6 +98,7 @@ class _Prepared(NamedTuple):
 
     logits: torch.Tensor  # (B, C, N)
     labels: Optional[torch.Tensor]  # (B, N) as given (any integer/float dtype)
+    teacher: Optional[torch.Tensor]  # (B, C, N): pseudo-labels (labels None) and uncertainty
     ignore_index: Optional[int]
     probs: Optional[torch.Tensor]  # (B, C, N) soft targets
     weight: Optional[torch.Tensor]  # (B or 1, N)
@@ -212,24 +159,38 @@ class _ChunkData(NamedTuple):
     indicator: Optional[torch.Tensor]
 
 
-def _load_chunk(
-    prep: _Prepared, ch: _Chunk, ws: _Workspace, spec: Optional[UncertaintyWeight]
-) -> _ChunkData:
-    nb, n = ch.b1 - ch.b0, ch.s1 - ch.s0
-    z = d = None
+def _probs(prep: _Prepared, ch: _Chunk, ws: _Workspace) -> tuple[Any, ...]:
+    """``(z, d, p)``: the chunk's logits (K > 2) or logit difference (two classes), and ``p``."""
     if prep.num_classes == 2:
         d, p = _two_class_probs(prep, ch, ws)
-    else:
-        z, p = _softmax_probs(prep, ch, ws)
+        return None, d, p
+    z, p = _softmax_probs(prep, ch, ws)
+    return z, None, p
+
+
+def _normalized_entropy(z: Any, d: Any, p: torch.Tensor, ws: _Workspace) -> torch.Tensor:
+    u = _two_class_entropy(d, p, ws) if d is not None else _entropy(z, p, ws)
+    return u.div_(math.log(p.shape[1])).clamp_(max=1.0)
+
+
+def _load_chunk(
+    prep: _Prepared,
+    ch: _Chunk,
+    ws: _Workspace,
+    spec: Optional[UncertaintyWeight],
+    teacher_ws: Optional[_Workspace] = None,
+) -> _ChunkData:
+    nb, n = ch.b1 - ch.b0, ch.s1 - ch.s0
+    z, d, p = _probs(prep, ch, ws)
     g, w = _target_and_weight(prep, ch, ws)
     indicator = None
     if spec is not None:
-        if d is not None:
-            u = _two_class_entropy(d, p, ws)
-        else:
-            assert z is not None
-            u = _entropy(z, p, ws)
-        u = u.div_(math.log(p.shape[1])).clamp_(max=1.0)
+        if prep.teacher is None:
+            u = _normalized_entropy(z, d, p, ws)
+        else:  # the teacher's chunk, in buffers of its own
+            assert teacher_ws is not None
+            tz, td, tp = _probs(prep._replace(logits=prep.teacher), ch, teacher_ws)
+            u = _normalized_entropy(tz, td, tp, teacher_ws)
         thr = spec.threshold.to(u.dtype)
         indicator = spec.indicator(u, thr[ch.b0 : ch.b1, None] if thr.ndim == 1 else thr)
         derived = torch.mul(indicator, spec.scale, out=ws.small(_U, nb, n)).add_(spec.base)
@@ -284,6 +245,10 @@ def _target_and_weight(prep: _Prepared, ch: _Chunk, ws: _Workspace) -> tuple[tor
         w = wb[:, s].expand(nb, n)
         if w.dtype != prep.dtype:
             w = ws.small(_W, nb, n).copy_(w)
+    if prep.labels is None and prep.teacher is not None:
+        # the teacher's pseudo-labels, chunk by chunk: no (B, *S) label map is kept
+        y = cast(torch.Tensor, pseudo_labels(prep.teacher[b, :, s]))
+        return torch.eq(y.unsqueeze(1), prep.classes, out=ws.big(_G, nb, k, n)), w
     if prep.labels is None:
         assert prep.probs is not None
         g = prep.probs[b, :, s]
@@ -584,31 +549,32 @@ class _FusedRegionStats(torch.autograd.Function):
     def forward(
         ctx: Any,
         logits: torch.Tensor,
-        target: torch.Tensor,
+        target: Optional[torch.Tensor],
+        teacher: Optional[torch.Tensor],
         region_weight: Optional[torch.Tensor],
         threshold: Optional[torch.Tensor],
         class_weight: Optional[torch.Tensor],
-        opts: _Options,
+        opts: Options,
         spec: Optional[UncertaintyWeight],
     ) -> tuple[torch.Tensor, ...]:
         # Every tensor goes through save_for_backward (autograd's in-place checks apply) and
         # the (B, C, N) views are rebuilt in backward, so no copy outlives the forward.
-        ctx.save_for_backward(logits, target, region_weight, threshold, class_weight)
+        ctx.save_for_backward(logits, target, teacher, region_weight, threshold, class_weight)
         ctx.opts, ctx.spec = opts, spec
-        prep = _prepare(logits, target, region_weight, opts)
+        prep = _prepare(logits, target, teacher, region_weight, opts)
         spec = None if spec is None or threshold is None else spec._replace(threshold=threshold)
-        squared, onehot = opts.squared_pred, prep.labels is not None
+        squared, onehot = opts.squared_pred, prep.probs is None
         dtype, k = prep.dtype, prep.num_classes
         bsz, channels, voxels = prep.logits.shape
         ce_num, ce_den = logits.new_zeros(bsz, dtype=dtype), logits.new_zeros(bsz, dtype=dtype)
         inter, pred, ground = (logits.new_zeros(bsz, k, dtype=dtype) for _ in range(3))
         mass = logits.new_zeros(bsz, dtype=dtype)
         cw = None if class_weight is None else class_weight.to(dtype)
-        chunks = _chunks(bsz, voxels, channels, logits.device)
-        ws = _Workspace(logits, dtype, chunks, k)
+        chunks = _chunks(bsz, voxels, channels)
+        ws, teacher_ws = _workspaces(prep, spec, chunks)
         for ch in chunks:
             b = slice(ch.b0, ch.b1)
-            chunk = _load_chunk(prep, ch, ws, spec)
+            chunk = _load_chunk(prep, ch, ws, spec, teacher_ws)
             if chunk.indicator is not None:
                 mass[b] += chunk.indicator.sum(-1)
             p = chunk.p
@@ -641,14 +607,14 @@ class _FusedRegionStats(torch.autograd.Function):
         _g_ground: Any,
         _g_mass: Any,
     ) -> tuple[Optional[torch.Tensor], ...]:
-        logits, target, region_weight, threshold, class_weight = ctx.saved_tensors
-        prep = _prepare(logits, target, region_weight, ctx.opts)
+        logits, target, teacher, region_weight, threshold, class_weight = ctx.saved_tensors
+        prep = _prepare(logits, target, teacher, region_weight, ctx.opts)
         spec = (
             None
             if ctx.spec is None or threshold is None
             else ctx.spec._replace(threshold=threshold)
         )
-        squared, onehot = ctx.opts.squared_pred, prep.labels is not None
+        squared, onehot = ctx.opts.squared_pred, prep.probs is None
         dtype, k = prep.dtype, prep.num_classes
         bsz, channels, voxels = prep.logits.shape
         g_ce, g_inter, g_pred = (t.to(dtype) for t in (g_ce, g_inter, g_pred))
@@ -660,11 +626,11 @@ class _FusedRegionStats(torch.autograd.Function):
             sign[:, 0] = -1.0
             g_inter, g_pred = g_inter * sign, g_pred * sign
         grad = torch.empty_like(prep.logits)
-        chunks = _chunks(bsz, voxels, channels, logits.device)
-        ws = _Workspace(logits, dtype, chunks, k)
+        chunks = _chunks(bsz, voxels, channels)
+        ws, teacher_ws = _workspaces(prep, spec, chunks)
         for ch in chunks:
             b = slice(ch.b0, ch.b1)
-            chunk = _load_chunk(prep, ch, ws, spec)
+            chunk = _load_chunk(prep, ch, ws, spec, teacher_ws)
             out = grad[b, :, ch.s0 : ch.s1]
             up = (g_ce[b], g_inter[b], g_pred[b])
             if chunk.diff is not None:  # two classes: the gradient of d, +- per logit
@@ -682,22 +648,39 @@ class _FusedRegionStats(torch.autograd.Function):
             _chunk_grad(chunk, up, cw, squared, onehot, ws, dz)
             if not direct:
                 out.copy_(dz)
-        return grad.view_as(logits), None, None, None, None, None, None
+        return grad.view_as(logits), None, None, None, None, None, None, None
+
+
+def _workspaces(
+    prep: _Prepared, spec: Optional[UncertaintyWeight], chunks: list[_Chunk]
+) -> tuple[_Workspace, Optional[_Workspace]]:
+    """The chunk buffers of the logits, and of the teacher's when its uncertainty is derived."""
+    ws = _Workspace(prep.logits, prep.dtype, chunks, prep.num_classes)
+    if spec is None or prep.teacher is None:
+        return ws, None
+    return ws, _Workspace(prep.logits, prep.dtype, chunks, prep.num_classes)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, *S) as a contiguous (B, C, N)."""
+    x3 = x.reshape(x.shape[0], x.shape[1], -1)
+    return x3 if x3.is_contiguous() else x3.contiguous()
 
 
 def _prepare(
     logits: torch.Tensor,
-    target: torch.Tensor,
+    target: Optional[torch.Tensor],
+    teacher: Optional[torch.Tensor],
     region_weight: Optional[torch.Tensor],
-    opts: _Options,
+    opts: Options,
 ) -> _Prepared:
     bsz, channels = logits.shape[:2]
-    logits3 = logits.reshape(bsz, channels, -1)
-    if not logits3.is_contiguous():
-        logits3 = logits3.contiguous()
+    logits3 = _flat(logits)
     binary = opts.activation == "sigmoid"
     labels = probs = None
-    if opts.kind == "labels":
+    if target is None:
+        pass  # the teacher's pseudo-labels
+    elif opts.kind == "labels":
         labels = V.labels_view(target, logits).reshape(bsz, -1)
     else:
         probs = target.reshape(bsz, target.shape[1], -1)
@@ -710,6 +693,7 @@ def _prepare(
     return _Prepared(
         logits=logits3,
         labels=labels,
+        teacher=None if teacher is None else _flat(teacher),
         ignore_index=opts.ignore_index,
         probs=probs,
         weight=weight,
@@ -722,16 +706,19 @@ def _prepare(
 
 def fused_stats(
     logits: torch.Tensor,
-    target: torch.Tensor,
+    target: Optional[torch.Tensor],
     region_weight: Optional[torch.Tensor],
-    opts: _Options,
+    opts: Options,
     derived_weight: Optional[UncertaintyWeight] = None,
+    teacher: Optional[torch.Tensor] = None,
 ) -> tuple[RegionStats, torch.Tensor]:
-    """The statistics of ``reference_stats`` (the reference path) in one autograd node.
+    """The statistics of the reference engine in one autograd node, chunk by chunk.
 
     ``derived_weight`` multiplies the region weight by a weight computed from the normalised
-    entropy of ``logits`` inside the node (no separate uncertainty map, no gradient through it).
-    Inputs are validated by the public functions; this is the internal engine.
+    entropy of ``teacher`` (if given, else of ``logits``) inside the node (no separate
+    uncertainty map, no gradient through it). With ``target=None`` the target is the teacher's
+    [`pseudo_labels`][bual_losses.pseudo.pseudo_labels], taken chunk by chunk in the same
+    pass. Inputs are validated by the public functions; this is the internal engine.
 
     Returns:
         ``(stats, mass)``: the statistics and, per sample ``(B,)``, the sum of the derived
@@ -741,6 +728,7 @@ def fused_stats(
     *stats, mass = _FusedRegionStats.apply(
         logits,
         target,
+        None if teacher is None else teacher.detach(),
         region_weight,
         threshold,
         opts.class_weight,
@@ -749,3 +737,17 @@ def fused_stats(
         None if derived_weight is None else derived_weight._replace(threshold=_NO_TENSOR),
     )
     return RegionStats(*stats), mass
+
+
+def fused_loss(
+    logits: torch.Tensor,
+    target: Optional[torch.Tensor],
+    region_weight: Optional[torch.Tensor],
+    opts: Options,
+    spec: Finish,
+    derived: Optional[UncertaintyWeight] = None,
+    teacher: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, RegionStats, torch.Tensor]:
+    """The engine entry (see [`bual_losses.engines`][]): ``(loss, stats, mass)``."""
+    stats, mass = fused_stats(logits, target, region_weight, opts, derived, teacher)
+    return finish(stats, opts, spec), stats, mass

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from . import _validation as V
+from ._core import ClassWeight, check_options
 from .bidirectional import BidirectionalParts, bidirectional_loss, check_bidirectional_options
-from .losses import ClassWeight, check_options, region_ce_dice_loss
+from .losses import region_ce_dice_loss
 
 __all__ = ["BidirectionalLoss", "RegionCEDiceLoss"]
 

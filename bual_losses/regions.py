@@ -30,7 +30,7 @@ gives a NumPy array out.
 from __future__ import annotations
 
 from numbers import Real
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
 import torch
 
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Threshold",
+    "UncertaintyWeight",
     "high_uncertainty_mask",
     "low_uncertainty_mask",
     "ratio_threshold",
@@ -538,3 +539,51 @@ def region_fraction(
     if group is not None:
         return global_mean(m.to(dtype).sum(), m.numel(), group)
     return m.to(dtype).mean()
+
+
+class UncertaintyWeight(NamedTuple):
+    r"""A region weight derived from the normalised entropy ``u`` of the logits themselves.
+
+    ``w = base + scale * s`` with ``s = [u > threshold]`` (``temperature=None``) or
+    ``sigmoid((u - threshold) / temperature)`` for ``side="high"``; for ``side="low"`` the
+    complement ``[u <= threshold]`` or ``sigmoid((threshold - u) / temperature)`` (ties
+    ``u == threshold`` go to the low side, as in [`bual_losses.regions`][]). The weight carries
+    no gradient.
+
+    Attributes:
+        threshold: the threshold of ``u``: a 0-d tensor or one value per sample, shape ``(B,)``.
+        side: ``"high"`` (the region ``u > threshold`` gets the extra weight) or ``"low"``
+            (``u <= threshold`` does).
+        base: the weight outside the region (``s = 0``).
+        scale: the weight added inside the region (``w = base + scale`` where ``s = 1``).
+        temperature: ``None`` for the hard indicator, else the temperature of the sigmoid.
+
+    Examples:
+        >>> import torch
+        >>> from bual_losses import UncertaintyWeight
+        >>> u, tau = torch.tensor([0.2, 0.5, 0.9]), torch.tensor(0.5)
+        >>> UncertaintyWeight(tau, side="high", base=1.0, scale=1.0)(u, tau)  # 1 + [u > tau]
+        tensor([1., 1., 2.])
+        >>> UncertaintyWeight(tau, side="low", base=0.0, scale=1.0)(u, tau)  # [u <= tau]
+        tensor([1., 1., 0.])
+        >>> UncertaintyWeight(tau, temperature=0.1).indicator(u, tau)  # sigmoid((u - tau) / T)
+        tensor([0.0474, 0.5000, 0.9820])
+    """
+
+    threshold: torch.Tensor
+    side: str = "high"
+    base: float = 1.0
+    scale: float = 1.0
+    temperature: Optional[float] = None
+
+    def indicator(self, u: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        """Region membership ``s`` in [0, 1]; ``threshold`` shaped to broadcast against ``u``."""
+        if self.temperature is None:
+            high = u > threshold
+            return (high if self.side == "high" else ~high).to(u.dtype)
+        z = (u - threshold) / self.temperature
+        return torch.sigmoid(z if self.side == "high" else -z)
+
+    def __call__(self, u: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        """The weight ``base + scale * s``."""
+        return self.base + self.scale * self.indicator(u, threshold)

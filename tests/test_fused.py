@@ -23,16 +23,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import bual_losses.fused as fused_module
+from bual_losses._core import Finish, RegionStats, finish, parse_options
+from bual_losses._reference import reference_stats
 from bual_losses.fused import UncertaintyWeight, fused_stats
-from bual_losses.losses import (
-    RegionStats,
-    _finish,
-    _parse,
-    reference_stats,
-    region_ce_dice_loss,
-    region_ce_loss,
-    region_dice_loss,
-)
+from bual_losses.losses import region_ce_dice_loss, region_ce_loss, region_dice_loss
 from tests.strategies import seeds, spatial_shapes
 
 PROPERTY = settings(max_examples=80, deadline=None)
@@ -45,7 +39,7 @@ FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
     "dice": region_dice_loss,
 }
 
-# keyword arguments of region_ce_dice_loss that _parse takes (with their defaults)
+# keyword arguments of region_ce_dice_loss that parse_options takes (with their defaults)
 PARSE_DEFAULTS: dict[str, Any] = {
     "include_background": True,
     "softmax": None,
@@ -234,12 +228,12 @@ def cases(
     return Case(logits, target, weight, function, options)
 
 
-def parse_options(case: Case, impl: str = "fused") -> Any:
-    """The ``_Options`` of ``case`` (as the public functions build them)."""
+def case_options(case: Case, impl: str = "fused") -> Any:
+    """The ``Options`` of ``case`` (as the public functions build them)."""
     kwargs = {key: case.options.get(key, value) for key, value in PARSE_DEFAULTS.items()}
     if case.function == "ce":
         kwargs.update(squared_pred=False, batch=False, include_background=True)
-    return _parse(case.logits, case.target, case.weight, impl=impl, validate=True, **kwargs)
+    return parse_options(case.logits, case.target, case.weight, impl=impl, validate=True, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,7 +295,7 @@ def assert_stats_close(fused: RegionStats, reference: RegionStats, **tol: Any) -
 
 def assert_fused_equals_reference(case: Case, **tol: Any) -> None:
     tol = tol or F64
-    opts = parse_options(case)
+    opts = case_options(case)
     with torch.no_grad():
         assert_stats_close(
             fused_region_stats(case.logits, case.target, case.weight, opts)[0],
@@ -373,24 +367,12 @@ def test_fused_equals_reference_2d_3d_grid(
 @pytest.mark.parametrize("batch, channels, voxels", [(1, 1, 1), (3, 5, 17), (4, 2, 9), (2, 3, 100)])
 def test_chunks_cover_every_voxel_once(chunk: int, batch: int, channels: int, voxels: int) -> None:
     with chunk_elements(chunk):
-        chunks = fused_module._chunks(batch, voxels, channels, torch.device("cpu"))
+        chunks = fused_module._chunks(batch, voxels, channels)
     seen = torch.zeros(batch, voxels, dtype=torch.long)
     for ch in chunks:
         assert 0 <= ch.b0 < ch.b1 <= batch and 0 <= ch.s0 < ch.s1 <= voxels
         assert ch.b1 - ch.b0 == 1 or (ch.s0, ch.s1) == (0, voxels)  # groups hold whole samples
         assert (ch.b1 - ch.b0) * (ch.s1 - ch.s0) * channels <= max(chunk, channels)
-        seen[ch.b0 : ch.b1, ch.s0 : ch.s1] += 1
-    assert torch.equal(seen, torch.ones_like(seen))
-
-
-def test_accelerator_chunks_are_few_and_cover_every_voxel() -> None:
-    # launch-bound devices get about ACCELERATOR_CHUNKS chunks, never smaller than on the CPU
-    batch, channels, voxels = 3, 4, 100_000
-    with chunk_elements(1000):
-        chunks = fused_module._chunks(batch, voxels, channels, torch.device("meta"))
-    assert len(chunks) <= fused_module.ACCELERATOR_CHUNKS + batch
-    seen = torch.zeros(batch, voxels, dtype=torch.long)
-    for ch in chunks:
         seen[ch.b0 : ch.b1, ch.s0 : ch.s1] += 1
     assert torch.equal(seen, torch.ones_like(seen))
 
@@ -549,7 +531,7 @@ def test_gradcheck_fused(name: str, spec: dict[str, Any], chunk: Optional[int]) 
 def test_gradcheck_fused_stats_all_outputs(kind: str, channels: int) -> None:
     """Every output of the node at once (random cotangents on ce_num, inter and pred)."""
     case = simple_case((2, channels, 2, 3), kind, "float", squared_pred=True)
-    opts = parse_options(case)
+    opts = case_options(case)
     z = case.logits.clone().requires_grad_()
     assert torch.autograd.gradcheck(
         lambda x: tuple(fused_region_stats(x, case.target, case.weight, opts)[0]),
@@ -630,13 +612,13 @@ def test_derived_weight_equals_explicit_weight(
         explicit = derived * region_view.to(derived.dtype)
     else:
         explicit = derived
-    opts = parse_options(case._replace(weight=region))
-    finish = {key: case.options.get(key, value) for key, value in FINISH_DEFAULTS.items()}
+    opts = case_options(case._replace(weight=region))
+    spec_f = {key: case.options.get(key, value) for key, value in FINISH_DEFAULTS.items()}
     if case.function == "ce":
-        finish.update(lambda_dice=0.0)
+        spec_f.update(lambda_dice=0.0)
     elif case.function == "dice":
-        finish.update(lambda_ce=0.0)
-    if finish["reduction"] == "none":
+        spec_f.update(lambda_ce=0.0)
+    if spec_f["reduction"] == "none":
         opts = opts._replace(batch=False)
 
     masses = []
@@ -647,7 +629,7 @@ def test_derived_weight_equals_explicit_weight(
             masses.append(mass)
         else:
             stats = reference_stats(z, case.target, explicit.detach(), opts)
-        return _finish(stats, opts, **finish), stats
+        return finish(stats, opts, Finish(**spec_f)), stats
 
     results = []
     for fused in (True, False):
@@ -677,11 +659,11 @@ def test_derived_weight_gradcheck_away_from_threshold() -> None:
     u = normalised_entropy(case.logits).flatten().sort().values
     gap = (u[1:] - u[:-1])[4:-4].argmax() + 4  # the widest interior gap between voxels
     spec = UncertaintyWeight(torch.tensor(float(u[gap] + u[gap + 1]) / 2), base=1.0, scale=2.0)
-    opts = parse_options(case)
+    opts = case_options(case)
 
     def loss(z: torch.Tensor) -> torch.Tensor:
         stats, _ = fused_region_stats(z, case.target, None, opts, derived_weight=spec)
-        return _finish(stats, opts, lambda_ce=1.0, lambda_dice=1.0, reduction="mean")
+        return finish(stats, opts, Finish())
 
     z = case.logits.clone().requires_grad_()
     assert torch.autograd.gradcheck(loss, (z,), eps=1e-7, atol=1e-7, rtol=1e-6)
@@ -691,16 +673,16 @@ def test_derived_weight_receives_no_gradient_soft() -> None:
     """With a soft weight the fused gradient is the reference gradient with the weight detached."""
     case = simple_case((2, 4, 3, 5), "soft", "float")
     spec = UncertaintyWeight(torch.tensor([0.3, 0.7]), side="low", base=0.2, temperature=0.1)
-    opts = parse_options(case)
+    opts = case_options(case)
     z = case.logits.clone().requires_grad_()
     stats, _ = fused_region_stats(z, case.target, case.weight, opts, derived_weight=spec)
-    (fused_grad,) = torch.autograd.grad(_finish(stats, opts, **FINISH_DEFAULTS), z)
+    (fused_grad,) = torch.autograd.grad(finish(stats, opts, Finish(**FINISH_DEFAULTS)), z)
 
     z2 = case.logits.clone().requires_grad_()
     attached = explicit_weight(spec, normalised_entropy(z2)) * case.weight
     for weight, same in ((attached.detach(), True), (attached, False)):
         stats = reference_stats(z2, case.target, weight, opts)
-        (grad,) = torch.autograd.grad(_finish(stats, opts, **FINISH_DEFAULTS), z2)
+        (grad,) = torch.autograd.grad(finish(stats, opts, Finish(**FINISH_DEFAULTS)), z2)
         if same:
             torch.testing.assert_close(fused_grad, grad, **F64)
         else:  # the attached weight would change the gradient: the check above is meaningful
@@ -733,7 +715,7 @@ def test_empty_region_is_finite_and_ce_exactly_zero(
     assert ce.item() == 0.0
     ce.backward()
     assert z.grad is not None and torch.equal(z.grad, torch.zeros_like(z))
-    opts = parse_options(case)
+    opts = case_options(case)
     stats, mass = fused_region_stats(case.logits, case.target, case.weight, opts)
     for name in ("ce_num", "ce_den", "inter", "pred", "ground"):
         assert torch.equal(getattr(stats, name), torch.zeros_like(getattr(stats, name))), name
@@ -987,13 +969,13 @@ def test_fused_saves_only_per_sample_statistics(spec: dict[str, Any]) -> None:
     assert reference >= b * c * voxels * itemsize, reference  # the reference keeps (B, C, *S)
     assert fused * 50 < reference
 
-    opts = parse_options(case)
+    opts = case_options(case)
     spec_w = UncertaintyWeight(torch.tensor([0.3, 0.6]), temperature=0.1)
     with_derived = saved_bytes(
-        lambda: _finish(
+        lambda: finish(
             fused_region_stats(z, case.target, case.weight, opts, derived_weight=spec_w)[0],
             opts,
-            **FINISH_DEFAULTS,
+            Finish(**FINISH_DEFAULTS),
         ),
         inputs,
     )

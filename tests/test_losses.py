@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bual_losses._core import parse_options
+from bual_losses._reference import reference_stats
 from bual_losses.losses import (
     SSL4MIS_DICE,
     RegionStats,
-    _parse,
-    reference_stats,
     region_ce_dice_loss,
     region_ce_loss,
     region_dice_loss,
@@ -227,7 +227,7 @@ def test_reference_stats_by_hand() -> None:
     # channels (background, foreground) in the statistics.
     logits = torch.zeros(1, 1, 2, 2, dtype=F64, requires_grad=True)
     weight = torch.tensor([[[1.0, 1.0], [1.0, 0.0]]], dtype=F64)
-    opts = _parse(
+    opts = parse_options(
         logits,
         LABELS_2X2,
         weight,

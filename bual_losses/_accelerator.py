@@ -1,0 +1,379 @@
+r"""The accelerator engine of ``impl="fused"``: one closed-form autograd node, few kernels.
+
+On a GPU a loss of this size costs kernel launches and host-side dispatch, not memory traffic,
+so this engine works on the whole ``(B, C, N)`` tensor at once (no chunks) and gets every
+statistic of [`RegionStats`][bual_losses.losses.RegionStats] from **one batched matrix
+product**. With the probabilities $p$ and the target $g$ (one-hot for labels) as rows:
+
+$$
+L = \begin{bmatrix} p \\ \ell \\ \mathbf 1 \end{bmatrix},\qquad
+R = \begin{bmatrix} w\,g \\ w \end{bmatrix},\qquad
+M = L\,R^\top \quad (\text{per sample: } (K + 2) \times (K + 1)),
+$$
+
+where $\ell_v = -\log p_{y_v, v}$ is the cross-entropy of each voxel (one row per class for
+probability targets), every statistic is an entry of $M$: $I_c = M_{c,c}$,
+$P_c = M_{c, K}$, $G_c = M_{\mathbf 1, c}$, the CE numerator $M_{\ell, K}$ (or
+$\sum_c \omega_c M_{\ell, c}$ with class weights) and its normaliser $M_{\mathbf 1, K}$
+(with ``squared_pred``: rows $p^2$, and columns $w\,g^2$ for probability targets).
+
+The loss is finished from these views by the shared code of ``bual_losses._core``, and its
+gradient with respect to $M$ gives the gradient of the logits in closed form: the rows of
+$\partial M$ times $R$ are $\partial L/\partial p$ and $\partial L/\partial \ell$, and the
+softmax chain rule gives
+
+$$
+\frac{\partial L}{\partial z} = p \odot \Big(\frac{\partial L}{\partial p}
+    - \sum_c p_c \frac{\partial L}{\partial p_c}\Big)
+  + \frac{\partial L}{\partial \log p} - p \sum_c \frac{\partial L}{\partial \log p_c}.
+$$
+
+All of it runs in the node's forward (when a gradient is needed), so the backward is one
+product with the incoming gradient. The per-sample uncertainty weight of
+[`bidirectional_loss`][bual_losses.bidirectional.bidirectional_loss] is derived inside from the
+same probabilities (or from the teacher's, with its ``argmax`` as the pseudo-label).
+
+No host synchronisation, no data-dependent Python branch, and it runs on any device: the test
+suite runs it on CPU tensors through [`use_engine`][bual_losses.engines.use_engine]. Peak
+extra memory is up to about 3x the logits (the CPU engine stays near 1.3x). One difference
+from the reference, documented: a ``-inf`` logit at a voxel's target class makes the loss NaN
+even where the region weight is 0 (the reference drops such a voxel); validation then reports
+it (``-inf`` at a target class is rejected with validation on, on every engine).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional, cast
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from . import _validation as V
+from ._core import Finish, Options, RegionStats, accumulation_dtype, finish
+from .pseudo import pseudo_labels
+from .regions import UncertaintyWeight
+
+
+class _Layout(NamedTuple):
+    """Where each statistic sits in ``M`` (row / column indices)."""
+
+    k: int  # classes K
+    ce_rows: int  # 1 for labels, K for probability targets
+    sq_rows: int  # K with squared_pred, else 0
+    sq_cols: int  # K with squared_pred and probability targets, else 0
+
+    @property
+    def ones_row(self) -> int:
+        return self.k + self.ce_rows + self.sq_rows
+
+    @property
+    def rows(self) -> int:
+        return self.ones_row + 1
+
+    @property
+    def cols(self) -> int:
+        return self.k + 1 + self.sq_cols
+
+
+def _stats_from(m: torch.Tensor, lay: _Layout, opts: Options, cw: Optional[torch.Tensor]) -> Any:
+    """The statistics as views (and a few small sums) of ``M`` (B, rows, cols)."""
+    k = lay.k
+    inter = m[:, :k, :k].diagonal(dim1=1, dim2=2)
+    pred = m[:, :k, k] if not lay.sq_rows else m[:, k + lay.ce_rows : k + lay.ce_rows + k, k]
+    ones = m[:, lay.ones_row]
+    ground = ones[:, :k] if not lay.sq_cols else ones[:, k + 1 :]
+    if lay.ce_rows == 1:  # labels: the row holds -log p_y
+        ce_row = m[:, k]
+        if cw is None:
+            ce_num, ce_den = ce_row[:, k], ones[:, k]
+        else:
+            ce_num, ce_den = ce_row[:, :k] @ cw, ones[:, :k] @ cw
+    else:  # probabilities: one -log p_c row per class
+        ce_c = m[:, k : 2 * k, :k].diagonal(dim1=1, dim2=2)
+        mass = ones[:, :k]
+        ce_num, ce_den = (ce_c.sum(-1), mass.sum(-1)) if cw is None else (ce_c @ cw, mass @ cw)
+    return RegionStats(ce_num, ce_den, inter, pred, ground)
+
+
+def _log_probs(z: torch.Tensor, binary: bool) -> torch.Tensor:
+    """``log p`` (B, K, N): log-softmax, or ``[log sigmoid(-z), log sigmoid(z)]`` for binary
+    logits (exact for large ``|z|``; their softmax pair ``(0, z)`` has the same gradient)."""
+    if binary:
+        return torch.cat([F.logsigmoid(-z), F.logsigmoid(z)], dim=1)
+    return torch.log_softmax(z, dim=1)
+
+
+def _normalized_entropy(p: torch.Tensor) -> torch.Tensor:
+    """``-sum_c p_c log p_c / ln K`` (B, 1, N), at most 1; ``entr(0) = 0``."""
+    h = torch.special.entr(p).sum(1, keepdim=True)
+    return h.mul_(1.0 / math.log(p.shape[1])).clamp_(max=1.0)
+
+
+def _teacher_probs(teacher: torch.Tensor, binary: bool, dtype: torch.dtype) -> torch.Tensor:
+    zt = teacher.to(dtype)
+    if binary:
+        p1 = torch.sigmoid(zt)
+        return torch.cat([1 - p1, p1], dim=1)
+    return torch.softmax(zt, dim=1)
+
+
+def _derived_weight(
+    spec: UncertaintyWeight, u: torch.Tensor, threshold: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The derived weight ``base + scale * s`` (B, 1, N) and the indicator's mass per sample."""
+    thr = threshold.to(u.dtype)
+    thr = thr.view(-1, 1, 1) if thr.ndim else thr
+    if spec.temperature is None:
+        high = u > thr
+        hi, lo = spec.base + spec.scale, spec.base
+        if u.dtype != torch.get_default_dtype():  # where() of two numbers has that dtype
+            hi = u.new_full((), hi)  # type: ignore[assignment]
+        weight = torch.where(high, hi, lo) if spec.side == "high" else torch.where(high, lo, hi)
+        mass = high.sum((1, 2)).to(u.dtype)
+        if spec.side != "high":
+            mass = u.shape[-1] - mass
+        return weight, mass
+    s = spec.indicator(u, thr)
+    return s * spec.scale + spec.base, s.sum((1, 2))
+
+
+class _Forward(NamedTuple):
+    loss: torch.Tensor
+    stats: RegionStats
+    mass: torch.Tensor
+    grad: Optional[torch.Tensor]  # dL/dz for a unit incoming gradient (per sample)
+    deferred: Optional[tuple[torch.Tensor, ...]]  # (M, L, R, logp) when it depends on more
+    layout: _Layout
+
+
+def _labels(
+    target: Optional[torch.Tensor],
+    teacher: Optional[torch.Tensor],
+    logits: torch.Tensor,
+    opts: Options,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Labels as an int64 (B, 1, N) index, and their validity (ignore_index) if any."""
+    bsz, channels = logits.shape[:2]
+    if target is None:
+        assert teacher is not None
+        y = cast(torch.Tensor, pseudo_labels(teacher.detach().reshape(bsz, channels, -1)))
+    else:
+        y = V.labels_view(target, logits).reshape(bsz, -1)
+    y = y.unsqueeze(1)
+    if y.dtype != torch.int64:
+        y = y.long()
+    if opts.ignore_index is None:
+        return y, None
+    valid = y != opts.ignore_index
+    return torch.where(valid, y, 0), valid
+
+
+def _run(
+    logits: torch.Tensor,
+    target: Optional[torch.Tensor],
+    teacher: Optional[torch.Tensor],
+    region_weight: Optional[torch.Tensor],
+    threshold: Optional[torch.Tensor],
+    cw: Optional[torch.Tensor],
+    opts: Options,
+    spec: Finish,
+    derived: Optional[UncertaintyWeight],
+    want_grad: bool,
+) -> _Forward:
+    dt = accumulation_dtype(logits.dtype)
+    bsz, channels = logits.shape[:2]
+    binary = opts.activation == "sigmoid"
+    labels = opts.kind == "labels"
+    k = 2 if binary else channels
+    z = logits.detach().reshape(bsz, channels, -1)
+    n = z.shape[-1]
+    cw = None if cw is None else cw.to(dt)
+    opts = opts._replace(class_weight=cw)
+    lay = _Layout(
+        k=k,
+        ce_rows=1 if labels else k,
+        sq_rows=k if opts.squared_pred else 0,
+        sq_cols=k if opts.squared_pred and not labels else 0,
+    )
+    logp = _log_probs(z if z.dtype == dt else z.to(dt), binary)
+
+    # left factor L (B, rows, N): p, -log p of the target, [p^2], 1
+    left = logp.new_empty(bsz, lay.rows, n)
+    p = torch.exp(logp, out=left[:, :k])
+    ce = left[:, k : k + lay.ce_rows]
+    if labels:
+        y, valid = _labels(target, teacher, logits, opts)
+        torch.gather(logp, 1, y, out=ce).neg_()
+    if lay.sq_rows:
+        torch.mul(p, p, out=left[:, k + lay.ce_rows : lay.ones_row])
+    left[:, lay.ones_row].fill_(1.0)
+
+    # the voxel weight w (B or 1, 1, N): region weight, valid labels, derived uncertainty weight
+    w: Optional[torch.Tensor] = None
+    if region_weight is not None:
+        wv = V.weight_view(region_weight, logits)
+        w = wv.reshape(wv.shape[0], 1, n).to(dt)
+    if labels and valid is not None:
+        w = valid.to(dt) if w is None else w * valid
+    mass = logp.new_zeros(bsz)
+    if derived is not None and threshold is not None:
+        if teacher is None:
+            u = _normalized_entropy(p)
+        else:
+            t3 = teacher.detach().reshape(bsz, channels, n)
+            u = _normalized_entropy(_teacher_probs(t3, binary, dt))
+        dw, mass = _derived_weight(derived, u, threshold)
+        w = dw if w is None else w * dw
+
+    # right factor R (B, cols, N): w g, w [, w g^2]
+    right = logp.new_empty(bsz, lay.cols, n)
+    wg = right[:, :k]
+    if labels:
+        wg.zero_().scatter_(1, y, 1.0 if w is None else w.expand(bsz, 1, n))
+    else:
+        assert target is not None
+        g = target.reshape(bsz, target.shape[1], n).to(dt)
+        if binary:
+            g = torch.cat([1 - g, g], dim=1)
+        torch.mul(g, 1.0 if w is None else w, out=wg)
+        # a -inf logit at a class the target does not hold gives 0, not 0 * inf
+        torch.where(wg != 0, logp, 0.0, out=ce).neg_()
+        if lay.sq_cols:
+            torch.mul(wg, g, out=right[:, k + 1 :])
+    right[:, k : k + 1].copy_(1.0 if w is None else w.expand(bsz, 1, n))
+
+    m = torch.bmm(left, right.mT)
+    if not want_grad:
+        stats = _stats_from(m, lay, opts, cw)
+        return _Forward(finish(stats, opts, spec), stats, mass, None, None, lay)
+    if spec.dice_terms and spec.reduction == "none":
+        # one loss per sample and class: the gradient needs the incoming one (see backward)
+        stats = _stats_from(m, lay, opts, cw)
+        loss = finish(stats, opts, spec)
+        return _Forward(loss, stats, mass, None, (m, left, right, logp), lay)
+    loss, stats, gm = _finish_and_grad(m, lay, opts, cw, spec, None)
+    dz = _grad(gm, left, right, logp, lay, opts)
+    return _Forward(loss, stats, mass, dz, None, lay)
+
+
+def _finish_and_grad(
+    m: torch.Tensor,
+    lay: _Layout,
+    opts: Options,
+    cw: Optional[torch.Tensor],
+    spec: Finish,
+    grad_loss: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, RegionStats, torch.Tensor]:
+    """The loss (by the shared finishing step) and its gradient with respect to ``M``, by
+    autograd through the few small ops of the finishing."""
+    leaf = m.detach().requires_grad_(True)
+    with torch.enable_grad():
+        stats = _stats_from(leaf, lay, opts, cw)
+        loss = finish(stats, opts, spec)
+        grad_out = torch.ones_like(loss) if grad_loss is None else grad_loss
+        (gm,) = torch.autograd.grad(loss, leaf, grad_out)
+    return loss.detach(), RegionStats(*(s.detach() for s in stats)), gm
+
+
+def _grad(
+    gm: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    logp: torch.Tensor,
+    lay: _Layout,
+    opts: Options,
+) -> torch.Tensor:
+    """dL/dz (B, C, N) from dL/dM: the rows of ``gM R`` are dL/d(rows of L)."""
+    k, dt = lay.k, left.dtype
+    p, wg = left[:, :k], right[:, :k]
+    d = torch.bmm(gm[:, : lay.ones_row], right)
+    dp = d[:, :k]
+    if lay.sq_rows:
+        dp = dp.addcmul(p, d[:, k + lay.ce_rows : lay.ones_row], value=2.0)
+    dz = torch.ops.aten._softmax_backward_data(dp, p, 1, dt)
+    dce = d[:, k : k + lay.ce_rows]  # dL/d(-log p of the target)
+    if opts.kind == "labels":
+        # d(-log p_y)/dz = p - onehot(y), and onehot(y) dce = w g (gM[ce, y] + gM[ce, K])
+        dz.addcmul_(p, dce)
+        coef = gm[:, k, :k] + gm[:, k, k : k + 1]
+        dz.addcmul_(wg, coef.unsqueeze(-1), value=-1.0)
+    else:
+        dl = dce * (wg != 0)
+        dz.addcmul_(p, dl.sum(1, keepdim=True)).sub_(dl)
+    return (
+        dz[:, 1:] if opts.activation == "sigmoid" else dz
+    )  # binary: the pair (0, z), the gradient of z
+
+
+class _AcceleratorLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        logits: torch.Tensor,
+        target: Optional[torch.Tensor],
+        teacher: Optional[torch.Tensor],
+        region_weight: Optional[torch.Tensor],
+        threshold: Optional[torch.Tensor],
+        class_weight: Optional[torch.Tensor],
+        opts: Options,
+        spec: Finish,
+        derived: Optional[UncertaintyWeight],
+    ) -> tuple[torch.Tensor, ...]:
+        out = _run(
+            logits, target, teacher, region_weight, threshold, class_weight,
+            opts, spec, derived, ctx.needs_input_grad[0],
+        )  # fmt: skip
+        ctx.shape, ctx.dtype = logits.shape, logits.dtype
+        if out.deferred is not None:
+            ctx.save_for_backward(*out.deferred, class_weight)
+            ctx.opts, ctx.spec, ctx.layout = opts, spec, out.layout
+        elif out.grad is not None:
+            ctx.save_for_backward(out.grad)
+        ctx.deferred = out.deferred is not None
+        ctx.mark_non_differentiable(out.mass, *out.stats)
+        return (out.loss, out.mass, *out.stats)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_loss: torch.Tensor, *_unused: Any) -> tuple[Any, ...]:
+        if ctx.deferred:
+            m, left, right, logp, cw = ctx.saved_tensors
+            cw = None if cw is None else cw.to(m.dtype)
+            gm = _finish_and_grad(m, ctx.layout, ctx.opts, cw, ctx.spec, grad_loss.to(m.dtype))[2]
+            dz = _grad(gm, left, right, logp, ctx.layout, ctx.opts)
+            return dz.to(ctx.dtype).reshape(ctx.shape), *([None] * 8)
+        (dz,) = ctx.saved_tensors
+        if grad_loss.ndim:  # reduction="none": one loss per sample
+            grad_loss = grad_loss.reshape(grad_loss.shape[0], 1, 1)
+        grad = (dz * grad_loss).to(ctx.dtype).reshape(ctx.shape)
+        return grad, None, None, None, None, None, None, None, None
+
+
+def accelerator_loss(
+    logits: torch.Tensor,
+    target: Optional[torch.Tensor],
+    region_weight: Optional[torch.Tensor],
+    opts: Options,
+    spec: Finish,
+    derived: Optional[UncertaintyWeight] = None,
+    teacher: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, RegionStats, torch.Tensor]:
+    """The engine entry (see [`bual_losses.engines`][]): ``(loss, stats, mass)``."""
+    threshold = None if derived is None else derived.threshold
+    loss, mass, *stats = _AcceleratorLoss.apply(
+        logits,
+        target,
+        teacher,
+        region_weight,
+        threshold,
+        opts.class_weight,
+        opts._replace(class_weight=None),
+        spec,
+        None if derived is None else derived._replace(threshold=_NO_TENSOR),
+    )
+    return loss, RegionStats(*stats), mass
+
+
+_NO_TENSOR = torch.empty(0)

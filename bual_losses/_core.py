@@ -1,0 +1,354 @@
+r"""The private core that every loss engine and every public loss shares.
+
+A region loss is computed in two stages:
+
+1. **statistics** ([`RegionStats`][bual_losses.losses.RegionStats]): per-sample, per-class
+    sums over the voxels,
+
+    $$
+    \text{ce\_num}_b = \sum_v w_v \sum_c \omega_c\, g_{c,v}\,(-\log p_{c,v}),\qquad
+    \text{ce\_den}_b = \sum_v w_v \sum_c \omega_c\, g_{c,v},
+    $$
+
+    $$
+    I_{b,c} = \sum_v w_v\, p_{c,v}\, g_{c,v},\qquad
+    P_{b,c} = \sum_v w_v\, p_{c,v}^k,\qquad
+    G_{b,c} = \sum_v w_v\, g_{c,v}^k,
+    $$
+
+    with region weight $w$, class weight $\omega$, probabilities $p$ (softmax, or
+    ``[1-sigmoid, sigmoid]`` for binary logits), target probabilities $g$ and $k = 2$ when
+    ``squared_pred`` else 1;
+
+2. **finishing** ([`finish`][bual_losses._core.finish]): the loss from these few numbers (CE
+    normalisation, Dice per sample or over the batch, background exclusion, class weights,
+    reduction, the sums over ranks with ``sync_dist``).
+
+Stage 1 has three engines (the reference, the CPU chunked engine, the accelerator engine);
+``bual_losses._engine`` picks one. They all import this module and nothing else of the
+package's loss code, and they all finish with the same function here, so every option means
+the same thing on every engine. The options of one call are parsed once, here, into an
+[`Options`][bual_losses._core.Options].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
+
+import torch
+
+from . import _validation as V
+from .distributed import all_reduce_sum, check_sync_dist
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+ClassWeight = Union[Sequence[float], torch.Tensor, None]
+
+IMPLS = ("auto", "fused", "reference")
+
+
+class RegionStats(NamedTuple):
+    r"""Per-sample sums from which every region loss is finished (shapes ``(B,)`` / ``(B, K)``).
+
+    ``K`` is ``C`` for softmax logits and 2 (background, foreground) for binary logits. The sums
+    run over the voxels $v$ of each sample with the voxel weight $w_v$ (the region weight, 0 at
+    ``ignore_index`` voxels), the class weights $\omega_c$, the probabilities $p_{c,v}$, the
+    target probabilities $g_{c,v}$ and $k = 2$ with ``squared_pred`` (else 1); see the module
+    docs. ``ce_den`` and ``ground`` do not depend on the logits and carry no gradient.
+
+    Attributes:
+        ce_num: ``(B,)`` numerator of the cross-entropy,
+            $\sum_v w_v \sum_c \omega_c\, g_{c,v}\,(-\log p_{c,v})$.
+        ce_den: ``(B,)`` its normaliser, the class-weighted size of the region,
+            $\sum_v w_v \sum_c \omega_c\, g_{c,v}$.
+        inter: ``(B, K)`` Dice intersection per class, $\sum_v w_v\, p_{c,v}\, g_{c,v}$.
+        pred: ``(B, K)`` predicted mass per class, $\sum_v w_v\, p_{c,v}^k$.
+        ground: ``(B, K)`` target mass per class, $\sum_v w_v\, g_{c,v}^k$.
+
+    Examples:
+        The sums written out for a batch without region weight (every voxel counts 1):
+
+        >>> import torch
+        >>> from bual_losses import RegionStats, region_ce_loss, region_dice_loss
+        >>> logits = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+        >>> labels = torch.randint(0, 3, (2, 8, 8))
+        >>> p = logits.softmax(1)
+        >>> g = torch.nn.functional.one_hot(labels, 3).movedim(-1, 1).double()
+        >>> stats = RegionStats(
+        ...     ce_num=-(g * p.log()).sum((1, 2, 3)), ce_den=g.sum((1, 2, 3)),
+        ...     inter=(p * g).sum((2, 3)), pred=p.sum((2, 3)), ground=g.sum((2, 3)),
+        ... )
+        >>> dice = 1 - (2 * stats.inter + 1e-5) / (stats.pred + stats.ground + 1e-5)
+        >>> bool(torch.allclose(dice.mean(), region_dice_loss(logits, labels)))
+        True
+        >>> ce = stats.ce_num.sum() / (stats.ce_den.sum() + 1e-8)
+        >>> bool(torch.allclose(ce, region_ce_loss(logits, labels)))
+        True
+    """
+
+    ce_num: torch.Tensor
+    ce_den: torch.Tensor
+    inter: torch.Tensor
+    pred: torch.Tensor
+    ground: torch.Tensor
+
+
+class Options(NamedTuple):
+    """The parsed options of one loss call (one branch of ``bidirectional_loss``)."""
+
+    activation: str  # "softmax" | "sigmoid"
+    kind: V.TargetKind
+    class_weight: Optional[torch.Tensor]
+    ignore_index: Optional[int]
+    include_background: bool
+    squared_pred: bool
+    smooth_nr: float
+    smooth_dr: float
+    batch: bool
+    eps: float
+
+
+class Finish(NamedTuple):
+    """How the statistics become the loss: the term weights, the reduction, the ranks whose
+    batches are summed (``None``: this process only) and whether the Dice terms are returned
+    as they are (``region_dice_loss`` with ``reduction="none"``)."""
+
+    lambda_ce: float = 1.0
+    lambda_dice: float = 1.0
+    reduction: str = "mean"
+    group: Optional[ProcessGroup] = None
+    dice_terms: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# validation of one call (metadata always, values when validate=True)
+
+
+def check_options(
+    *,
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    eps: float = 1e-8,
+    impl: str = "auto",
+    lambda_ce: float = 1.0,
+    lambda_dice: float = 1.0,
+    reduction: str = "mean",
+    batch: bool = False,
+    sync_dist: Any = False,
+    **_tensor_options: Any,
+) -> None:
+    """The checks of the scalar options, shared by the functions (per call) and the modules
+    (at construction, so a bad configuration fails before the first batch)."""
+    check_sync_dist(sync_dist)
+    V.require_nonnegative_number(smooth_nr, "smooth_nr")
+    V.require_nonnegative_number(smooth_dr, "smooth_dr")
+    V.require_nonnegative_number(eps, "eps", positive=True)
+    V.require_nonnegative_number(lambda_ce, "lambda_ce")
+    V.require_nonnegative_number(lambda_dice, "lambda_dice")
+    V.require_choice(impl, "impl", IMPLS)
+    V.require_reduction(reduction)
+    if reduction == "none" and batch and lambda_dice != 0:
+        raise ValueError(
+            "`reduction='none'` gives one loss per sample and needs `batch=False`; "
+            "batch Dice has no per-sample value."
+        )
+
+
+def parse_options(
+    logits: Any,
+    target: Any,
+    region_weight: Any,
+    *,
+    include_background: bool,
+    softmax: Optional[bool],
+    sigmoid: Optional[bool],
+    squared_pred: bool,
+    smooth_nr: float,
+    smooth_dr: float,
+    batch: bool,
+    class_weight: ClassWeight,
+    ignore_index: Optional[int],
+    eps: float,
+    impl: str,
+    validate: bool,
+) -> Options:
+    """Check one call's tensors and options and parse them into an ``Options``.
+
+    ``target=None`` stands for pseudo-labels that an engine derives from teacher logits: label
+    targets that need no check.
+    """
+    logits = V.require_logits(logits)
+    kind: V.TargetKind = "labels" if target is None else V.classify_target(target, logits)
+    if region_weight is not None:
+        V.require_region_weight(region_weight, logits)
+    check_options(smooth_nr=smooth_nr, smooth_dr=smooth_dr, eps=eps, impl=impl)
+    num_classes = logits.shape[1]
+    activation = V.resolve_activation(num_classes, softmax, sigmoid)
+    cw = None if class_weight is None else V.require_class_weight(class_weight, num_classes, logits)
+    ignore = V.require_ignore_index(ignore_index, kind)
+    if validate:
+        # finiteness of the logits is checked on the result (see check_finite_result): NaN or
+        # +Inf logits always make it non-finite, and that costs O(B*C) instead of a pass over
+        # the logits.
+        if target is None:
+            pass
+        elif kind == "labels":
+            V.check_labels(V.labels_view(target, logits), num_classes, ignore)
+        else:
+            V.check_probabilities(target)
+        if region_weight is not None:
+            V.check_nonnegative(region_weight, "region_weight")
+    return Options(
+        activation=activation,
+        kind=kind,
+        class_weight=cw,
+        ignore_index=ignore,
+        include_background=bool(include_background),
+        squared_pred=bool(squared_pred),
+        smooth_nr=float(smooth_nr),
+        smooth_dr=float(smooth_dr),
+        batch=bool(batch),
+        eps=float(eps),
+    )
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Reductions run in float32 for half-precision inputs, else in the input's dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# --------------------------------------------------------------------------------------------
+# stage 2, shared by every engine
+
+
+def _scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
+    # a weight of 1 costs no kernel (on accelerators every small op is a launch)
+    return x if factor == 1 else x * factor
+
+
+def _ce(stats: RegionStats, reduction: str, eps: float) -> torch.Tensor:
+    if reduction == "sum":
+        return stats.ce_num.sum()
+    if reduction == "none":  # per sample
+        return stats.ce_num / (stats.ce_den + eps)
+    return stats.ce_num.sum() / (stats.ce_den.sum() + eps)
+
+
+def dice_terms(stats: RegionStats, opts: Options) -> torch.Tensor:
+    """Weighted Dice loss terms, ``(B, K')`` or ``(K',)`` with ``batch=True``."""
+    inter, pred, ground = stats.inter, stats.pred, stats.ground
+    if opts.batch:
+        inter, pred, ground = inter.sum(0), pred.sum(0), ground.sum(0)
+    cw = opts.class_weight
+    if opts.activation == "sigmoid":
+        # binary logits: Dice on the foreground channel only (as MONAI with C == 1)
+        inter, pred, ground, cw = inter[..., 1:], pred[..., 1:], ground[..., 1:], None
+    elif not opts.include_background:
+        inter, pred, ground = inter[..., 1:], pred[..., 1:], ground[..., 1:]
+        cw = None if cw is None else cw[1:]
+    numerator = inter * 2.0
+    if opts.smooth_nr != 0:
+        numerator = numerator + opts.smooth_nr
+    denominator = pred + ground
+    if opts.smooth_dr > 0:
+        # pred, ground >= 0: the denominator is >= smooth_dr > 0
+        score = numerator / (denominator + opts.smooth_dr)
+    else:
+        # Empty-denominator policy: a term with nothing predicted, nothing to find and no
+        # smoothing counts as perfectly segmented: loss 0, zero gradient.
+        empty = denominator <= 0
+        score = torch.where(
+            empty,
+            torch.ones_like(numerator),
+            numerator / torch.where(empty, torch.ones_like(denominator), denominator),
+        )
+    terms = 1 - score
+    if cw is not None:
+        terms = terms * cw.to(terms.dtype)
+    return terms
+
+
+def _dice(stats: RegionStats, opts: Options, reduction: str) -> torch.Tensor:
+    terms = dice_terms(stats, opts)
+    if reduction == "sum":
+        return terms.sum()
+    if reduction == "none":
+        return terms
+    return terms.mean()
+
+
+def finish(stats: RegionStats, opts: Options, spec: Finish) -> torch.Tensor:
+    """The loss from the statistics: stage 2, the same for every engine."""
+    if spec.dice_terms and spec.reduction == "none":  # region_dice_loss: the terms, per rank
+        return _dice(stats, opts, "none")
+    if spec.reduction == "none":  # per sample, hence per rank: nothing to synchronise
+        ce = _ce(stats, "none", opts.eps)
+        if spec.lambda_dice == 0:
+            return _scaled(ce, spec.lambda_ce)
+        dice = dice_terms(stats, opts).mean(-1)
+        return _scaled(ce, spec.lambda_ce) + _scaled(dice, spec.lambda_dice)
+    if spec.group is not None:
+        return _finish_global(stats, opts, spec, spec.group)
+    out: Optional[torch.Tensor] = None
+    if spec.lambda_ce != 0:
+        out = _scaled(_ce(stats, spec.reduction, opts.eps), spec.lambda_ce)
+    if spec.lambda_dice != 0:
+        dice = _scaled(_dice(stats, opts, spec.reduction), spec.lambda_dice)
+        out = dice if out is None else out + dice
+    return stats.ce_num.new_zeros(()) if out is None else out
+
+
+def _finish_global(
+    stats: RegionStats, opts: Options, spec: Finish, group: ProcessGroup
+) -> torch.Tensor:
+    """``finish`` ("mean" / "sum") over the batches of all ranks of ``group``.
+
+    The sums the loss needs (CE numerator and normaliser; the class sums of batch Dice, or the
+    sum and the number of the per-sample Dice terms) are packed into one vector and summed over
+    the ranks by one differentiable all-reduce, so the value is the single-process loss on the
+    concatenated batch and each rank's gradient is ``R`` times its single-process slice.
+    """
+    lambda_ce, lambda_dice, reduction = spec.lambda_ce, spec.lambda_dice, spec.reduction
+    dice_batch = opts.batch and lambda_dice != 0
+    sums = [stats.ce_num.sum().reshape(1), stats.ce_den.sum().reshape(1)]
+    if dice_batch:
+        sums += [stats.inter.sum(0), stats.pred.sum(0), stats.ground.sum(0)]
+    elif lambda_dice != 0:
+        terms = dice_terms(stats, opts)
+        sums += [terms.sum().reshape(1), terms.new_full((1,), float(terms.numel()))]
+    flat = all_reduce_sum(torch.cat(sums), group)
+    out = stats.ce_num.new_zeros(())
+    if lambda_ce != 0:
+        ce = flat[0] if reduction == "sum" else flat[0] / (flat[1] + opts.eps)
+        out = out + lambda_ce * ce
+    if dice_batch:
+        # the global class sums as a batch of one: finished by the single-process code
+        inter, pred, ground = flat[2:].view(3, 1, -1).unbind(0)
+        glob = stats._replace(inter=inter, pred=pred, ground=ground)
+        out = out + lambda_dice * _dice(glob, opts, reduction)
+    elif lambda_dice != 0:
+        out = out + lambda_dice * (flat[2] if reduction == "sum" else flat[2] / flat[3])
+    return out
+
+
+def check_finite_result(
+    loss: torch.Tensor, stats: RegionStats, spec: Finish, name: str = "logits"
+) -> None:
+    """Finiteness of the logits, checked on the O(B*C) result: NaN or +Inf logits always make
+    the statistics non-finite, and so does -Inf at a target class.
+
+    When both terms are in the loss, every statistic that can turn non-finite reaches it, so
+    one check of the (0-d or ``(B,)``) loss suffices (on accelerators, each check is a kernel
+    launch); otherwise the statistics themselves are checked.
+    """
+    message = (
+        f"`{name}` must be finite: the loss statistics are NaN/Inf, so `{name}` contain NaN "
+        "or +Inf (or -Inf at a target class)."
+    )
+    if spec.lambda_ce != 0 and spec.lambda_dice != 0 and not spec.dice_terms:
+        finite = torch.isfinite(loss)
+        V.check_values(finite.all() if finite.ndim else finite, message)
+        return
+    V.check_values(torch.isfinite(stats.ce_num).all() & torch.isfinite(stats.pred).all(), message)
