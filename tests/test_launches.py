@@ -1,0 +1,158 @@
+"""Launch counts (``benchmarks/launches.py``): the counter itself, the budgets, the report.
+
+Everything runs on the ``meta`` device: no compute, so even the largest shapes take milliseconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("launches", ROOT / "benchmarks" / "launches.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("launches", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+launches = _load()
+count = launches.count
+
+
+def meta(*shape: int, **kwargs: object) -> torch.Tensor:
+    return torch.empty(shape, device="meta", **kwargs)
+
+
+# ============================================================================================
+# the counter
+
+
+def test_pointwise_op_is_one_kernel_reading_and_writing_its_tensor() -> None:
+    x = meta(3, 5)
+    c = count(torch.neg, x)
+    assert (c.kernels, c.allocations, c.views, c.syncs) == (1, 0, 0, 0)
+    assert c.bytes == 2 * 3 * 5 * 4
+    assert [op.name for op in c.ops] == ["neg.default"]
+
+
+def test_view_is_a_view_and_moves_nothing() -> None:
+    x = meta(3, 5)
+    c = count(lambda: x.view(-1))
+    assert (c.kernels, c.allocations, c.views, c.syncs, c.bytes) == (0, 0, 1, 0, 0)
+    c = count(lambda: x.t().unsqueeze(0).expand(2, 5, 3).detach())
+    assert (c.kernels, c.views) == (0, 4)
+
+
+def test_empty_is_one_allocation() -> None:
+    c = count(lambda: torch.empty(4, 4, device="meta"))
+    assert (c.kernels, c.allocations, c.views, c.syncs, c.bytes) == (0, 1, 0, 0, 0)
+    assert c.non_view == 1
+    c = count(lambda: torch.zeros(4, 4, device="meta"))  # zeros writes memory: a kernel
+    assert (c.kernels, c.allocations) == (1, 0)
+
+
+def test_item_and_bool_are_syncs_with_stand_in_results_on_meta() -> None:
+    t = meta()
+    results = []
+    c = count(lambda: results.append(t.item()))
+    assert (c.syncs, c.kernels) == (1, 0)
+    assert results == [0.0]
+    c = count(lambda: results.append(bool(t > 0)))
+    assert (c.syncs, c.kernels) == (1, 1)  # the comparison is a kernel, bool() the sync
+    assert results[-1] is False
+
+
+def test_syncs_run_for_real_on_cpu() -> None:
+    t = torch.tensor([3.0, -1.0])
+    results = []
+    c = count(lambda: results.append((t[0].item(), t[t > 0].tolist())))
+    assert results == [(3.0, [3.0])]
+    assert c.syncs >= 2  # item, the boolean-mask index (tolist: one more per element)
+
+
+def test_boolean_mask_index_is_a_sync_that_completes_on_meta() -> None:
+    x = meta(4, 6)
+    out = []
+    c = count(lambda: out.append(x[x > 0]))
+    assert c.syncs == 1
+    assert out[0].shape == (0,)
+
+
+def test_bytes_rule_in_place_out_and_broadcast() -> None:
+    x, y, row = meta(3, 5), meta(3, 5), meta(5)
+    n = 3 * 5 * 4
+    assert count(lambda: x.add_(1)).bytes == 2 * n  # self read and written
+    assert count(lambda: torch.add(x, 1, out=y)).bytes == 2 * n  # out= is written, not read
+    assert count(lambda: x + row).bytes == n + 5 * 4 + n  # the broadcast row is read once
+    assert count(lambda: x + row.expand(3, 5)).bytes == n + 5 * 4 + n
+    assert count(lambda: x * x).bytes == 2 * n  # the same tensor twice is read once
+    assert count(lambda: x[:, :2] + x[:, 2:4]).bytes == (3 * 2 * 4) * 3  # two slices add up
+
+
+def test_backward_ops_are_counted_with_their_autograd_node() -> None:
+    x = torch.empty(3, 5, device="meta", requires_grad=True)
+
+    def step() -> None:
+        (x * 2).sum().backward()
+
+    c = count(step)
+    # forward: mul, sum; backward: the seed ones_like, SumBackward's expand (a view),
+    # MulBackward's mul
+    assert c.kernels == 4, c.ops
+    assert c.syncs == 0
+    stages = {op.stage for op in c.ops}
+    assert {"forward", "SumBackward0", "MulBackward0"} <= stages, c.ops
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+# ============================================================================================
+# the budgets
+
+
+@pytest.mark.parametrize("variant", sorted(launches.BUDGETS))
+@pytest.mark.parametrize("shape", list(launches.SHAPES))
+def test_default_path_within_budget(shape: str, variant: str) -> None:
+    counts = launches.VARIANTS[variant](launches.SHAPES[shape])
+    budget = launches.BUDGETS[variant]
+    bad = launches.budget_violations(counts, budget)
+    assert not bad and counts.syncs == 0, (
+        f"{variant} at {shape} {launches.SHAPES[shape]} exceeds {budget}: {'; '.join(bad)}\n"
+        f"kernels {counts.kernels}, allocations {counts.allocations}, views {counts.views}, "
+        f"syncs {counts.syncs}, bytes {counts.bytes_ratio:.2f}x logits\n"
+        + launches.format_ops(counts)
+    )
+
+
+# ============================================================================================
+# the report
+
+
+def test_report_writes_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "x.md"
+    assert launches.main(["--out", out, "--shapes", "la-3d", "--variants", "fused,monai"]) == 0
+    text = out.read_text()
+    assert text in capsys.readouterr().out
+    assert "meta" in text and torch.__version__ in text
+    assert "## la-3d (4, 2, 112, 112, 80)" in text
+    header = "| variant | kernels | allocation-only | non-view total | views | syncs |"
+    assert header in text
+    rows = {line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")}
+    assert {"fused", "monai"} <= rows
+    assert "- la-3d `fused`: PASS" in text or "- la-3d `fused`: FAIL" in text
+    assert "## Op list" not in text  # only at the ACDC shape
+
+
+def test_report_rejects_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        launches.main(["--variants", "fused,nope"])
+    assert "nope" in capsys.readouterr().err
