@@ -1,4 +1,4 @@
-r"""Speed and memory of the region CE + Dice loss: fused vs reference vs MONAI vs a traffic floor.
+r"""Speed and memory of the region CE + Dice loss, ``bidirectional_loss`` and the composable path.
 
 Usage (from the repository root)::
 
@@ -6,7 +6,8 @@ Usage (from the repository root)::
     python benchmarks/bench_losses.py --device cuda  # adds the large 3D shape
     python benchmarks/bench_losses.py --quick --out /tmp/quick.md  # smoke test, tiny shapes
 
-What is measured, per shape, each in its own fresh process (``--start-method``):
+What is measured, per shape, each in its own fresh process (``--start-method``); the region loss
+(section ``loss``):
 
 * ``monai``: ``monai.losses.DiceCELoss(to_onehot_y=True, softmax=True)(logits, labels[:, None])``,
   what users run today (no region weight);
@@ -46,7 +47,30 @@ weight and the model already allocated), so it includes the gradient ``logits.gr
 * **CUDA**: ``torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()`` after
   ``torch.cuda.reset_peak_memory_stats()`` (caching-allocator bookkeeping: exact).
 
-MC dropout: peak extra memory (and time) of
+``bidirectional_loss``, the call users make (section ``bidirectional``), per shape: the batch is
+split ``B_l = B // 2`` labeled and ``B_u = B - B_l`` unlabeled (at least 1 each): student logits
+``zl`` ``(B_l, C, *S)`` and ``zu`` ``(B_u, C, *S)`` (both requiring grad), int64 labels ``y``,
+teacher logits ``zt`` (no grad). One timed run is forward + backward of
+
+* ``plain``: ``DiceCELoss(to_onehot_y=True, softmax=True)(zl, y[:, None])
+  + 0.1 * DiceCELoss(...)(zu, zt.argmax(1, keepdim=True))``, the pseudo-labels computed under
+  ``torch.no_grad()`` inside the timed step: what users write today;
+* ``bidirectional``: ``bidirectional_loss(zl, y, zu, zt, step=15000, total_steps=30000)`` with
+  every default (halfway through UA-MT's ramp: threshold 0.82 of the normalised entropy,
+  consistency weight 0.029; the table notes give the region fractions);
+* ``bidirectional-reference``: the same with ``impl="reference"``.
+
+Peak extra memory is divided by the bytes of both halves' logits (``zl`` + ``zu``).
+
+The composable path (section ``composable``), per shape, on the whole batch as labeled:
+
+* ``composable``: ``u = entropy_map(z.detach(), from_logits=True)``, ``weight = 1.0 + 1.0 *
+  high_uncertainty_mask(u, 0.5)``, ``region_ce_dice_loss(z, y, weight)`` (as the quickstart);
+* ``naive``: the same maths in plain eager torch: softmax, normalised entropy and the weight under
+  ``no_grad``, weighted CE ``(w * ce).sum() / w.sum()`` and weighted soft Dice per sample and class
+  from ``p`` and ``one_hot(y)`` (smoothing 1e-5), mean.
+
+MC dropout (section ``mc``): peak extra memory (and time) of
 ``bual_losses.uncertainty.mc_dropout_uncertainty(model, x, passes=T)`` for T = 2, 8, 16 on a
 tiny U-Net with dropout (defined here) in eval mode, each T in a fresh process; the estimator
 streams, so peak(16) / peak(2) must stay within 10 %.
@@ -62,12 +86,15 @@ with the ``aot_eager`` backend (dynamo + AOTAutograd, forward and backward graph
 generation) so that a smoke run does not spend a minute in a cold inductor compile; pass
 ``--compile-backend inductor`` to smoke-test inductor too.
 
-Output: a Markdown table per shape (variant, median / min / IQR ms, peak extra MiB, peak /
-logits bytes, time ratios vs reference, MONAI and the floor), the MC-dropout table and one
-verdict line per target, computed from the numbers: fused <= 0.45 x reference time and
-<= 0.8 x MONAI time; fused peak extra <= 1.5 x logits bytes; MC dropout peak(16) / peak(2)
-within 10 %. Printed and written to ``--out`` (default ``benchmarks/results/<device>-<date>.md``;
-``--quick`` runs get a ``-quick`` suffix). ``--json`` also writes the raw measurements.
+Output: a Markdown table per section and shape (variant, median / min / IQR ms, peak extra MiB,
+peak / logits bytes, time ratios: vs reference, MONAI and the floor; vs ``plain``; vs ``naive``),
+the MC-dropout table and one verdict line per target, computed from the numbers: fused <= 0.45 x
+reference time and <= 0.8 x MONAI time; fused peak extra <= 1.5 x logits bytes; default
+``bidirectional_loss`` <= 0.5 x ``plain`` time and peak extra <= 1.5 x the logits of both halves;
+``composable`` <= 0.6 x ``naive`` time; MC dropout peak(16) / peak(2) within 10 %. Printed and
+written to ``--out`` (default ``benchmarks/results/<device>-<date>.md``; ``--quick`` runs get a
+``-quick`` suffix). ``--json`` also writes the raw measurements. ``--sections
+loss,bidirectional,composable,mc`` (default: all) and ``--variants`` select what runs.
 """
 
 from __future__ import annotations
@@ -88,14 +115,52 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
 VARIANTS = ("monai", "reference", "reference+compile", "fused", "floor")
+BIDIRECTIONAL_VARIANTS = ("plain", "bidirectional", "bidirectional-reference")
+COMPOSABLE_VARIANTS = ("naive", "composable")
 MC_PASSES = (2, 8, 16)
+# bidirectional_loss(..., step=BIDI_STEP, total_steps=BIDI_TOTAL): halfway through UA-MT's ramp,
+# the default threshold is 0.82 (normalised entropy) and lambda 0.1 * exp(-5 * 0.5 ** 2)
+BIDI_STEP, BIDI_TOTAL = 15000, 30000
+COMPOSABLE_TAU = 0.5
+
+
+class Section(NamedTuple):
+    """One table per shape: its variants, ratio columns and a pair that must agree."""
+
+    title: str
+    variants: tuple[str, ...]
+    vs: tuple[str, ...]  # "vs X" columns: median time of the row / median time of X
+    same: tuple[str, str]  # these two variants compute the same loss
+    loss_note: str
+
+
+SECTIONS: dict[str, Section] = {
+    "loss": Section(
+        "",
+        VARIANTS,
+        ("reference", "monai", "floor"),
+        ("fused", "reference"),
+        "MONAI has no region weight",
+    ),
+    "bidirectional": Section(
+        "bidirectional_loss, ",
+        BIDIRECTIONAL_VARIANTS,
+        ("plain",),
+        ("bidirectional", "bidirectional-reference"),
+        "`plain` has no regions and a fixed 0.1 consistency weight",
+    ),
+    "composable": Section(
+        "composable path, ", COMPOSABLE_VARIANTS, ("naive",), ("composable", "naive"), "equal maths"
+    ),
+}
+SECTION_NAMES = (*SECTIONS, "mc")
 MIB = 1 << 20
 
 # name -> (title, (B, C, *S)); "cuda_only" shapes run only with --device cuda
@@ -118,6 +183,9 @@ TARGETS = {
     "fused_vs_reference": 0.45,
     "fused_vs_monai": 0.8,
     "fused_peak_vs_logits": 1.5,
+    "bidirectional_vs_plain": 0.5,
+    "bidirectional_peak_vs_logits": 1.5,
+    "composable_vs_naive": 0.6,
     "mc_flat": 0.10,
 }
 
@@ -283,6 +351,95 @@ def _measure(
     return {"times_ms": times, "peak_bytes": int(peak), "phase_s": phases}
 
 
+def _split(batch: int) -> tuple[int, int]:
+    """Labeled and unlabeled batch sizes of the bidirectional section (at least 1 each)."""
+    labeled = max(1, batch // 2)
+    return labeled, max(1, batch - labeled)
+
+
+def _loss_fn(variant: str, x: dict[str, Any], task: dict[str, Any], notes: list[str]) -> Any:
+    """The loss of ``variant`` as a closure over the inputs ``x``; ``None`` for the floor."""
+    import torch
+
+    if variant in ("monai", "plain"):
+        from monai.losses import DiceCELoss
+
+        monai_loss = DiceCELoss(to_onehot_y=True, softmax=True)
+        if variant == "monai":
+            labels1 = x["labels"][:, None]
+            return lambda: monai_loss(x["logits"], labels1)
+
+        def plain() -> torch.Tensor:
+            with torch.no_grad():
+                pseudo = x["zt"].argmax(1, keepdim=True)
+            return monai_loss(x["zl"], x["y"][:, None]) + 0.1 * monai_loss(x["zu"], pseudo)
+
+        return plain
+
+    if variant in ("bidirectional", "bidirectional-reference"):
+        from bual_losses import bidirectional_loss
+
+        opts: dict[str, Any] = {"impl": "reference"} if variant == "bidirectional-reference" else {}
+        return lambda **kw: bidirectional_loss(
+            x["zl"], x["y"], x["zu"], x["zt"], step=BIDI_STEP, total_steps=BIDI_TOTAL, **opts, **kw
+        )
+
+    if variant == "composable":
+        from bual_losses import entropy_map, high_uncertainty_mask, region_ce_dice_loss
+
+        def composable() -> torch.Tensor:
+            u = entropy_map(x["logits"].detach(), from_logits=True)
+            weight = 1.0 + 1.0 * high_uncertainty_mask(u, COMPOSABLE_TAU)
+            return region_ce_dice_loss(x["logits"], x["labels"], weight)
+
+        return composable
+
+    if variant == "naive":
+        import math
+
+        import torch.nn.functional as F
+
+        def naive() -> torch.Tensor:
+            z, y = x["logits"], x["labels"]
+            p = z.softmax(1)
+            with torch.no_grad():
+                u = -(p * p.clamp_min(1e-12).log()).sum(1) / math.log(z.shape[1])
+                w = 1 + (u > COMPOSABLE_TAU).float()
+            ce = (w * F.cross_entropy(z, y, reduction="none")).sum() / w.sum()
+            g = F.one_hot(y, z.shape[1]).movedim(-1, 1).to(p.dtype)
+            w = w[:, None]
+            dims = tuple(range(2, z.ndim))
+            inter = (w * p * g).sum(dims)
+            dice = 1 - (2 * inter + 1e-5) / ((w * p).sum(dims) + (w * g).sum(dims) + 1e-5)
+            return ce + dice.mean()
+
+        return naive
+
+    if variant in ("reference", "fused", "reference+compile"):
+        from bual_losses.losses import region_ce_dice_loss
+
+        impl = "fused" if variant == "fused" else "reference"
+
+        def region(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return region_ce_dice_loss(z, y, w, impl=impl)
+
+        fn = region
+        if variant == "reference+compile":
+            import torch._inductor.config as inductor_config
+
+            inductor_config.compile_threads = 1
+            try:
+                fn = torch.compile(region, backend=task["compile_backend"])
+            except Exception as exc:
+                raise RuntimeError(f"torch.compile failed: {type(exc).__name__}: {exc}") from exc
+            notes.append(f"torch.compile backend: {task['compile_backend']}")
+        return lambda: fn(x["logits"], x["labels"], x["weight"])
+
+    if variant == "floor":
+        return None
+    raise ValueError(f"unknown variant {variant!r}")
+
+
 def _loss_task(task: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -290,52 +447,29 @@ def _loss_task(task: dict[str, Any]) -> dict[str, Any]:
     shape = tuple(task["shape"])
     bsz, channels, spatial = shape[0], shape[1], shape[2:]
     g = torch.Generator().manual_seed(task["seed"])
-    logits = torch.randn(shape, generator=g).to(device).requires_grad_()
-    labels = torch.randint(0, channels, (bsz, *spatial), generator=g).to(device)
-    weight = torch.rand((bsz, *spatial), generator=g).to(device)
-    notes: list[str] = []
 
-    if variant == "monai":
-        from monai.losses import DiceCELoss
+    def logits(b: int, grad: bool = True) -> torch.Tensor:
+        return torch.randn((b, channels, *spatial), generator=g).to(device).requires_grad_(grad)
 
-        monai_loss = DiceCELoss(to_onehot_y=True, softmax=True)
-        labels1 = labels[:, None]
+    def labels(b: int) -> torch.Tensor:
+        return torch.randint(0, channels, (b, *spatial), generator=g).to(device)
 
-        def loss_fn() -> torch.Tensor:
-            return monai_loss(logits, labels1)
-
-    elif variant in ("reference", "fused", "reference+compile"):
-        from bual_losses.losses import region_ce_dice_loss
-
-        impl = "fused" if variant == "fused" else "reference"
-
-        def plain(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            return region_ce_dice_loss(z, y, w, impl=impl)
-
-        fn = plain
-        if variant == "reference+compile":
-            import torch._inductor.config as inductor_config
-
-            inductor_config.compile_threads = 1
-            try:
-                fn = torch.compile(plain, backend=task["compile_backend"])
-            except Exception as exc:
-                raise RuntimeError(f"torch.compile failed: {type(exc).__name__}: {exc}") from exc
-            notes.append(f"torch.compile backend: {task['compile_backend']}")
-
-        def loss_fn() -> torch.Tensor:
-            return fn(logits, labels, weight)
-
-    elif variant == "floor":
-        loss_fn = None
+    if task["section"] == "bidirectional":
+        b_l, b_u = _split(bsz)
+        x = {"zl": logits(b_l), "y": labels(b_l), "zu": logits(b_u), "zt": logits(b_u, False)}
+        leaves = [x["zl"], x["zu"]]
     else:
-        raise ValueError(f"unknown variant {variant!r}")
+        x = {"logits": logits(bsz), "labels": labels(bsz)}
+        x["weight"] = torch.rand((bsz, *spatial), generator=g).to(device)
+        leaves = [x["logits"]]
+    notes: list[str] = []
+    loss_fn = _loss_fn(variant, x, task, notes)
 
     if loss_fn is None:
 
         def step() -> Any:
             with torch.no_grad():
-                return logits.neg()
+                return x["logits"].neg()
 
     else:
 
@@ -345,7 +479,8 @@ def _loss_task(task: dict[str, Any]) -> dict[str, Any]:
             return loss.detach()
 
     def reset() -> None:
-        logits.grad = None
+        for leaf in leaves:
+            leaf.grad = None
 
     if variant == "reference+compile":
         # compile errors surface at the first call: report them as such
@@ -370,7 +505,23 @@ def _loss_task(task: dict[str, Any]) -> dict[str, Any]:
         reset()
         with torch.no_grad():
             res["loss"] = float(loss_fn())
-    res["logits_bytes"] = logits.numel() * logits.element_size()
+    # untimed: how large the regions of the measured call are
+    if variant == "bidirectional":
+        with torch.no_grad():
+            _, parts = loss_fn(return_parts=True)
+        notes.append(
+            f"step {BIDI_STEP} of {BIDI_TOTAL}: labeled high fraction "
+            f"{float(parts.labeled_high_fraction):.3f}, unlabeled low fraction "
+            f"{float(parts.unlabeled_low_fraction):.3f}, consistency weight "
+            f"{float(parts.consistency_weight):.4f}"
+        )
+    elif variant == "composable":
+        from bual_losses import entropy_map
+
+        u = entropy_map(x["logits"].detach(), from_logits=True)
+        high = float((u > COMPOSABLE_TAU).float().mean())
+        notes.append(f"high-uncertainty fraction (u > {COMPOSABLE_TAU}): {high:.3f}")
+    res["logits_bytes"] = sum(leaf.numel() * leaf.element_size() for leaf in leaves)
     res["notes"] = notes
     return res
 
@@ -604,43 +755,62 @@ def _header(
         "- ratios: median time of the row / median time of the named variant; "
         "peak / logits: peak extra bytes / logits bytes",
     ]
+    if "bidirectional" in args.sections:
+        lines.append(
+            "- `bidirectional_loss` tables: batch split B_l = B // 2 labeled, the rest "
+            "unlabeled; `plain`: `DiceCELoss(zl, y) + 0.1 * DiceCELoss(zu, argmax(zt))`; "
+            f"`bidirectional(-reference)`: defaults (impl auto / reference), step {BIDI_STEP} "
+            f"of total_steps {BIDI_TOTAL}; peak / logits: of both halves (zl + zu)"
+        )
+    if "composable" in args.sections:
+        lines.append(
+            "- composable-path tables: `entropy_map` -> `high_uncertainty_mask(u, "
+            f"{COMPOSABLE_TAU})` -> `region_ce_dice_loss(z, y, 1 + mask)` vs the same maths "
+            "in plain eager torch (`naive`)"
+        )
     return "\n".join(lines)
 
 
-def _shape_table(name: str, shape: tuple[int, ...], rows: dict[str, dict[str, Any]]) -> str:
-    title = SHAPES[name][0]
-    logits_mb = 4 * _numel(shape) / MIB
+def _shape_table(
+    section: str, name: str, shape: tuple[int, ...], rows: dict[str, dict[str, Any]]
+) -> str:
+    spec = SECTIONS[section]
+    if section == "bidirectional":
+        b_l, b_u = _split(shape[0])
+        what = f"labeled {(b_l, *shape[1:])} + unlabeled {(b_u, *shape[1:])}"
+        logits_mb = 4 * _numel(shape[1:]) * (b_l + b_u) / MIB
+    else:
+        what, logits_mb = f"logits {tuple(shape)}", 4 * _numel(shape) / MIB
+    vs = "".join(f" vs {v} |" for v in spec.vs)
     lines = [
-        f"## {title}: logits {tuple(shape)} float32 ({_fmt(logits_mb)} MiB)",
+        f"## {spec.title}{SHAPES[name][0]}: {what} float32 ({_fmt(logits_mb)} MiB)",
         "",
-        "| variant | median ms | min ms | IQR ms | peak extra MiB | peak / logits "
-        "| vs reference | vs monai | vs floor |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        f"| variant | median ms | min ms | IQR ms | peak extra MiB | peak / logits |{vs}",
+        "|---|" + "--:|" * (5 + len(spec.vs)),
     ]
     notes = []
     for variant in rows:
         r = rows[variant]
         if not r.get("ok"):
-            lines.append(
-                f"| `{variant}` | failed: {_cell(r['error'])} | - | - | - | - | - | - | - |"
-            )
+            dashes = " - |" * (4 + len(spec.vs))
+            lines.append(f"| `{variant}` | failed: {_cell(r['error'])} |{dashes}")
             continue
         s = r["stats"]
+        ratios = "".join(f" {_fmt(_ratio(r, rows.get(v)))} |" for v in spec.vs)
         lines.append(
             f"| `{variant}` | {_fmt(s['median'])} | {_fmt(s['min'])} | {_fmt(s['iqr'])} "
             f"| {_fmt(r['peak_bytes'] / MIB)} | {_fmt(r['peak_bytes'] / r['logits_bytes'])} "
-            f"| {_fmt(_ratio(r, rows.get('reference')))} | {_fmt(_ratio(r, rows.get('monai')))} "
-            f"| {_fmt(_ratio(r, rows.get('floor')))} |"
+            f"|{ratios}"
         )
         notes += [f"`{variant}`: {n}" for n in r.get("notes", [])]
     losses = [f"`{v}` {r['loss']:.6g}" for v, r in rows.items() if r.get("ok") and "loss" in r]
     if losses:
-        notes.append("loss values (same inputs; MONAI has no region weight): " + ", ".join(losses))
-    ref, fused = rows.get("reference", {}), rows.get("fused", {})
-    if "loss" in ref and "loss" in fused:
-        rel = abs(fused["loss"] - ref["loss"]) / max(abs(ref["loss"]), 1e-12)
+        notes.append(f"loss values (same inputs; {spec.loss_note}): " + ", ".join(losses))
+    a, b = (rows.get(v, {}) for v in spec.same)
+    if "loss" in a and "loss" in b:
+        rel = abs(a["loss"] - b["loss"]) / max(abs(b["loss"]), 1e-12)
         if rel > 1e-4:
-            notes.append(f"**fused and reference losses differ by {rel:.2e} (relative)**")
+            notes.append(f"**{spec.same[0]} and {spec.same[1]} losses differ by {rel:.2e}**")
     lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines)
 
@@ -682,21 +852,49 @@ def _verdict(label: str, target: str, values: list[tuple[str, Optional[float]]],
     return f"- {status} {label} ({target}): {shown}{extra}"
 
 
+def _time_ratios(
+    rows: dict[str, dict[str, dict[str, Any]]], variant: str, base: str
+) -> list[tuple[str, Optional[float]]]:
+    """Per shape: median time of ``variant`` / median time of ``base`` (where both ran)."""
+    return [(s, _ratio(r[variant], r[base])) for s, r in rows.items() if variant in r and base in r]
+
+
+def _peaks(
+    rows: dict[str, dict[str, dict[str, Any]]], variant: str
+) -> list[tuple[str, Optional[float]]]:
+    """Per shape: peak extra bytes of ``variant`` / its logits bytes."""
+    return [
+        (s, r[variant]["peak_bytes"] / r[variant]["logits_bytes"] if r[variant].get("ok") else None)
+        for s, r in rows.items()
+        if variant in r
+    ]
+
+
 def _verdicts(
-    loss_rows: dict[str, dict[str, dict[str, Any]]], mc_rows: dict[int, dict[str, Any]]
+    rows: dict[str, dict[str, dict[str, dict[str, Any]]]], mc_rows: dict[int, dict[str, Any]]
 ) -> str:
     t = TARGETS
-    vs_ref, vs_monai, peak = [], [], []
-    for shape, rows in loss_rows.items():
-        fused = rows.get("fused")
-        if fused is None:
-            continue
-        if "reference" in rows:
-            vs_ref.append((shape, _ratio(fused, rows["reference"])))
-        if "monai" in rows:
-            vs_monai.append((shape, _ratio(fused, rows["monai"])))
-        ok = fused.get("ok")
-        peak.append((shape, fused["peak_bytes"] / fused["logits_bytes"] if ok else None))
+    loss, bidi, comp = (rows.get(s, {}) for s in ("loss", "bidirectional", "composable"))
+    checks = [
+        ("fused time vs reference", "fused_vs_reference", _time_ratios(loss, "fused", "reference")),
+        ("fused time vs MONAI", "fused_vs_monai", _time_ratios(loss, "fused", "monai")),
+        ("fused peak extra / logits bytes", "fused_peak_vs_logits", _peaks(loss, "fused")),
+        (
+            "bidirectional_loss time vs plain MONAI",
+            "bidirectional_vs_plain",
+            _time_ratios(bidi, "bidirectional", "plain"),
+        ),
+        (
+            "bidirectional_loss peak extra / logits bytes of both halves",
+            "bidirectional_peak_vs_logits",
+            _peaks(bidi, "bidirectional"),
+        ),
+        (
+            "composable path time vs naive eager",
+            "composable_vs_naive",
+            _time_ratios(comp, "composable", "naive"),
+        ),
+    ]
     mc: list[tuple[str, Optional[float]]] = []
     lo, hi = mc_rows.get(MC_PASSES[0]), mc_rows.get(MC_PASSES[-1])
     if lo is not None and hi is not None:
@@ -707,34 +905,19 @@ def _verdicts(
                 hi["peak_bytes"] / lo["peak_bytes"] if good else None,
             )
         )
-    lines = [
-        "## Verdicts (computed from the numbers above)",
-        "",
-        _verdict(
-            "fused time vs reference",
-            f"<= {t['fused_vs_reference']}",
-            vs_ref,
-            lambda v: v <= t["fused_vs_reference"],
-        ),
-        _verdict(
-            "fused time vs MONAI",
-            f"<= {t['fused_vs_monai']}",
-            vs_monai,
-            lambda v: v <= t["fused_vs_monai"],
-        ),
-        _verdict(
-            "fused peak extra / logits bytes",
-            f"<= {t['fused_peak_vs_logits']}",
-            peak,
-            lambda v: v <= t["fused_peak_vs_logits"],
-        ),
+    lines = ["## Verdicts (computed from the numbers above)", ""]
+    lines += [
+        _verdict(label, f"<= {t[key]}", values, lambda v, limit=t[key]: v <= limit)
+        for label, key, values in checks
+    ]
+    lines.append(
         _verdict(
             "MC-dropout memory flat in passes",
             f"within {t['mc_flat']:.0%}",
             mc,
             lambda v: abs(v - 1) <= t["mc_flat"],
-        ),
-    ]
+        )
+    )
     return "\n".join(lines)
 
 
@@ -743,6 +926,15 @@ def _numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= s
     return n
+
+
+def _names(text: str, allowed: Any, what: str, p: argparse.ArgumentParser) -> list[str]:
+    """The comma-separated names in ``text``, all in ``allowed`` (else a usage error)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(allowed))
+    if unknown:
+        p.error(f"unknown {what} {unknown}; choose from {list(allowed)}")
+    return names
 
 
 def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -772,7 +964,19 @@ def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         default=None,
         help=f"comma-separated subset of {','.join(SHAPES)} (large-3d on CUDA only)",
     )
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    p.add_argument(
+        "--sections",
+        default=",".join(SECTION_NAMES),
+        help="comma-separated subset: loss (region loss variants), bidirectional "
+        "(bidirectional_loss vs plain MONAI), composable (public pieces vs naive eager), "
+        "mc (MC dropout)",
+    )
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated subset of the selected sections' variants (default: all); "
+        "a section left without variants is skipped",
+    )
     p.add_argument("--no-mc", action="store_true", help="skip the MC-dropout measurements")
     p.add_argument(
         "--cpu-memory",
@@ -805,17 +1009,23 @@ def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         args.compile_backend = "aot_eager" if args.quick else "inductor"
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         p.error("--repeats and --threads must be >= 1, --warmup >= 0")
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    args.variants = [v for v in VARIANTS if v in variants]
+    sections = _names(args.sections, SECTION_NAMES, "sections", p)
+    everything = [v for spec in SECTIONS.values() for v in spec.variants]
+    variants = (
+        everything if args.variants is None else _names(args.variants, everything, "variants", p)
+    )
+    # section -> its selected variants, in table order
+    args.variants = {
+        name: [v for v in spec.variants if v in variants]
+        for name, spec in SECTIONS.items()
+        if name in sections
+    }
+    args.variants = {name: vs for name, vs in args.variants.items() if vs}
+    args.sections = [*args.variants] + (["mc"] if "mc" in sections and not args.no_mc else [])
+    if not args.sections:
+        p.error("--sections / --variants / --no-mc leave nothing to run")
     default_shapes = [s for s in SHAPES if args.device == "cuda" or s not in CUDA_ONLY]
-    shapes = default_shapes if args.shapes is None else args.shapes.split(",")
-    shapes = [s.strip() for s in shapes if s.strip()]
-    unknown = sorted(set(shapes) - set(SHAPES))
-    if unknown:
-        p.error(f"unknown shapes {unknown}; choose from {list(SHAPES)}")
+    shapes = default_shapes if args.shapes is None else _names(args.shapes, SHAPES, "shapes", p)
     if args.device != "cuda" and any(s in CUDA_ONLY for s in shapes):
         p.error(f"shapes {list(CUDA_ONLY)} run on --device cuda only")
     args.shapes = shapes
@@ -832,8 +1042,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     ctx = mp.get_context(args.start_method)
     if args.start_method == "forkserver":
+        selected = {v for vs in args.variants.values() for v in vs}
         ctx.set_forkserver_preload(
-            PRELOAD + ([] if "monai" not in args.variants else ["monai.losses"])
+            PRELOAD + (["monai.losses"] if {"monai", "plain"} & selected else [])
         )
     base = {
         "device": args.device,
@@ -869,19 +1080,29 @@ def main(argv: Optional[list[str]] = None) -> int:
     # small share of a row's runs, below what moves its median.
     jobs: list[tuple[str, dict[str, Any]]] = [
         (
-            f"{shape} {variant} (round {rnd + 1}/{args.rounds})",
-            {"kind": "loss", "name": shape, "variant": variant, "shape": shape_of[shape]},
+            f"{section} {shape} {variant} (round {rnd + 1}/{args.rounds})",
+            {
+                "kind": "loss",
+                "section": section,
+                "name": shape,
+                "variant": variant,
+                "shape": shape_of[shape],
+            },
         )
+        for section, variants in args.variants.items()
         for shape in args.shapes
         for rnd in range(args.rounds)
-        for variant in args.variants
+        for variant in variants
     ]
-    if not args.no_mc:
+    if "mc" in args.sections:
         jobs += [
             (f"mc-dropout passes={p}", {"kind": "mc", "passes": p, "shape": mc_shape})
             for p in MC_PASSES
         ]
-    loss_rows: dict[str, dict[str, dict[str, Any]]] = {shape: {} for shape in args.shapes}
+    # section -> shape -> variant -> result
+    loss_rows: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
+        section: {shape: {} for shape in args.shapes} for section in args.variants
+    }
     mc_rows: dict[int, dict[str, Any]] = {}
     for i, (label, job) in enumerate(jobs, 1):
         t0 = time.perf_counter()
@@ -895,7 +1116,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             what = f"FAILED: {r['error'][:200]}"
         log(f"[{i}/{len(jobs)}] {label}: {what} ({r['process_s']:.1f} s)")
         if job["kind"] == "loss":
-            rows = loss_rows[job["name"]]
+            rows = loss_rows[job["section"]][job["name"]]
             previous = rows.get(job["variant"])
             if previous is not None and previous.get("ok") and r.get("ok"):
                 r["times_ms"] = previous["times_ms"] + r["times_ms"]
@@ -907,13 +1128,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             mc_rows[job["passes"]] = r
 
     parts = [_header(args, info, started, load_start)]
-    parts += [_shape_table(s, shape_of[s], rows) for s, rows in loss_rows.items()]
+    parts += [
+        _shape_table(section, s, shape_of[s], rows)
+        for section, by_shape in loss_rows.items()
+        for s, rows in by_shape.items()
+    ]
     if mc_rows:
         parts.append(_mc_table(mc_shape, mc_rows))
     parts.append(_verdicts(loss_rows, mc_rows))
     failures = [
-        f"{s} {v}: {r['error']}\n{r.get('traceback', '')}"
-        for s, rows in loss_rows.items()
+        f"{section} {s} {v}: {r['error']}\n{r.get('traceback', '')}"
+        for section, by_shape in loss_rows.items()
+        for s, rows in by_shape.items()
         for v, r in rows.items()
         if not r.get("ok")
     ] + [
@@ -932,7 +1158,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     log(f"wrote {args.out}")
     if args.json is not None:
         raw = {"info": info, "args": {k: str(v) for k, v in vars(args).items()}}
-        raw["loss"] = loss_rows
+        raw.update(loss_rows)  # "loss", "bidirectional", "composable"
         raw["mc_dropout"] = {str(k): v for k, v in mc_rows.items()}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(raw, indent=1, default=str))

@@ -12,6 +12,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_losses.py"
 VARIANTS = ("monai", "reference", "reference+compile", "fused", "floor")
+# table title prefix -> (variants, number of "vs X" columns)
+TABLES = {
+    "": (VARIANTS, 3),
+    "bidirectional_loss, ": (("plain", "bidirectional", "bidirectional-reference"), 1),
+    "composable path, ": (("naive", "composable"), 1),
+}
+VERDICTS = (
+    "fused time vs reference",
+    "fused time vs MONAI",
+    "fused peak extra / logits bytes",
+    "bidirectional_loss time vs plain MONAI",
+    "bidirectional_loss peak extra / logits bytes of both halves",
+    "composable path time vs naive eager",
+    "MC-dropout memory flat in passes",
+)
 # torch.compile may legitimately fail on a machine without a working C++ toolchain: the harness
 # then reports the failure in the row instead of crashing.
 MAY_FAIL = {"reference+compile"}
@@ -49,20 +64,25 @@ def test_quick_benchmark_writes_every_row(tmp_path: Path) -> None:
     assert text.strip() in proc.stdout  # the table is also printed
 
     sections = _sections(text)
-    shape_sections = [s for s in sections if s.startswith(("ACDC-like 2D", "LA-like 3D"))]
-    assert len(shape_sections) == 2, list(sections)
-    for name in shape_sections:
-        rows = {_cells(r)[0].strip("`"): _cells(r) for r in sections[name][2:]}
-        assert set(rows) == set(VARIANTS), (name, list(rows))
-        for variant, cells in rows.items():
-            assert len(cells) == 9, cells
-            if variant not in MAY_FAIL:
-                float(cells[1])  # a measured median, not "failed: ..."
-        assert rows["floor"][5] == "1.00"  # peak / logits of logits.neg(): the method's check
+    for prefix, (variants, ratios) in TABLES.items():
+        tables = [s for s in sections if s.startswith(f"{prefix}ACDC-like 2D")]
+        tables += [s for s in sections if s.startswith(f"{prefix}LA-like 3D")]
+        assert len(tables) == 2, (prefix, list(sections))
+        for name in tables:
+            rows = {_cells(r)[0].strip("`"): _cells(r) for r in sections[name][2:]}
+            assert list(rows) == list(variants), (name, list(rows))
+            for variant, cells in rows.items():
+                assert len(cells) == 6 + ratios, cells
+                if variant not in MAY_FAIL:
+                    float(cells[1])  # a measured median, not "failed: ..."
+            if "floor" in rows:
+                assert rows["floor"][5] == "1.00"  # peak / logits of logits.neg(): the check
+    assert "differ by" not in text  # fused == reference, composable == naive, both impls agree
+    assert text.count("labeled high fraction") == 2  # bidirectional: regions reported per shape
 
     mc = [s for s in sections if s.startswith("MC-dropout")]
     assert len(mc) == 1, list(sections)
     assert [_cells(r)[0] for r in sections[mc[0]][2:]] == ["2", "8", "16"]
 
-    verdicts = re.findall(r"^- (PASS|FAIL|N/A) ", text, flags=re.M)
-    assert len(verdicts) == 4, text
+    verdicts = re.findall(r"^- (?:PASS|FAIL) (.+?) \(", text, flags=re.M)
+    assert verdicts == list(VERDICTS), text
