@@ -42,7 +42,10 @@ The budgeted quantity is **non-view ops** = kernels + allocations (both also rep
 * read = the tensors passed as inputs (every tensor argument except ``out=`` arguments, whose
   old values are not read), and written = the returned tensors plus every argument the schema
   marks as mutated (``out=`` arguments, ``self`` of an in-place op); so an in-place op counts
-  its tensor once read and once written, an ``out=`` op counts its output once;
+  its tensor once read and once written, an ``out=`` op counts its output once; except that
+  in-place ops that only overwrite (``fill_``, ``zero_``, ``copy_``, ``masked_fill_``,
+  ``scatter_``, the random fills) do not read ``self``, and ``gather`` / ``scatter_`` touch
+  one element of their source / destination per index, not the whole tensor;
 * in each set, tensors are grouped by storage: distinct views of one storage (different offset,
   sizes or strides) add up, a view passed twice counts once, and the total per storage is
   capped at the storage's size; a view's bytes are its element size times the product of its
@@ -290,17 +293,33 @@ def traffic(tensors: Sequence[torch.Tensor]) -> int:
     return sum(min(caps[k], sum(extents[v] for v in vs)) for k, vs in views.items())
 
 
+#: In-place ops that overwrite ``self`` without reading it.
+_WRITE_ONLY = {"fill_", "zero_", "copy_", "masked_fill_", "index_fill_", "scatter_", "uniform_",
+               "normal_", "random_", "bernoulli_"}  # fmt: skip
+
+
 def op_bytes(func: Any, args: tuple, kwargs: dict, result: Any) -> int:
     """Bytes read + bytes written by one op (the rule of the module docstring)."""
+    name = func.overloadpacket.__name__
+    bound = _bound(func, args, kwargs)
     read: list[torch.Tensor] = []
     written = [t for t in tree_leaves(result) if isinstance(t, torch.Tensor)]
-    for arg, value in _bound(func, args, kwargs):
+    for arg, value in bound:
         tensors = [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
-        if not arg.is_out:
+        is_self_written = arg.alias_info is not None and arg.alias_info.is_write
+        if not arg.is_out and not (is_self_written and name in _WRITE_ONLY):
             read += tensors
-        if arg.is_out or (arg.alias_info is not None and arg.alias_info.is_write):
+        if arg.is_out or is_self_written:
             written += tensors
-    return traffic(read) + traffic(written)
+    total = traffic(read) + traffic(written)
+    if name in ("gather", "scatter_") and "reduce" not in kwargs:
+        # they touch one element of the source (gather) / of the destination (scatter_) per
+        # index, not the whole tensor
+        values = dict((arg.name, value) for arg, value in bound)
+        touched = values["index"].numel() * values["self"].element_size()
+        whole = traffic([values["self"]])
+        total -= whole - min(whole, touched)
+    return total
 
 
 def _scalar_dummy(t: torch.Tensor) -> Any:

@@ -44,14 +44,14 @@ it (``-inf`` at a target class is rejected with validation on, on every engine).
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional, cast
+from typing import Any, NamedTuple, Optional, Union, cast
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import _validation as V
-from ._core import Finish, Options, RegionStats, accumulation_dtype, finish
+from ._core import Finish, FinishGrad, Options, RegionStats, accumulation_dtype, finish, finish_grad
 from .pseudo import pseudo_labels
 from .regions import UncertaintyWeight
 
@@ -84,16 +84,17 @@ def _stats_from(m: torch.Tensor, lay: _Layout, opts: Options, cw: Optional[torch
     pred = m[:, :k, k] if not lay.sq_rows else m[:, k + lay.ce_rows : k + lay.ce_rows + k, k]
     ones = m[:, lay.ones_row]
     ground = ones[:, :k] if not lay.sq_cols else ones[:, k + 1 :]
-    if lay.ce_rows == 1:  # labels: the row holds -log p_y
+    if lay.ce_rows == 1:  # labels: the row holds log p_y
         ce_row = m[:, k]
         if cw is None:
-            ce_num, ce_den = ce_row[:, k], ones[:, k]
+            ce_num, ce_den = -ce_row[:, k], ones[:, k]
         else:
-            ce_num, ce_den = ce_row[:, :k] @ cw, ones[:, :k] @ cw
-    else:  # probabilities: one -log p_c row per class
+            ce_num, ce_den = -(ce_row[:, :k] @ cw), ones[:, :k] @ cw
+    else:  # probabilities: one log p_c row per class
         ce_c = m[:, k : 2 * k, :k].diagonal(dim1=1, dim2=2)
         mass = ones[:, :k]
         ce_num, ce_den = (ce_c.sum(-1), mass.sum(-1)) if cw is None else (ce_c @ cw, mass @ cw)
+        ce_num = -ce_num
     return RegionStats(ce_num, ce_den, inter, pred, ground)
 
 
@@ -105,12 +106,6 @@ def _log_probs(z: torch.Tensor, binary: bool) -> torch.Tensor:
     return torch.log_softmax(z, dim=1)
 
 
-def _normalized_entropy(p: torch.Tensor) -> torch.Tensor:
-    """``-sum_c p_c log p_c / ln K`` (B, 1, N), at most 1; ``entr(0) = 0``."""
-    h = torch.special.entr(p).sum(1, keepdim=True)
-    return h.mul_(1.0 / math.log(p.shape[1])).clamp_(max=1.0)
-
-
 def _teacher_probs(teacher: torch.Tensor, binary: bool, dtype: torch.dtype) -> torch.Tensor:
     zt = teacher.to(dtype)
     if binary:
@@ -120,29 +115,40 @@ def _teacher_probs(teacher: torch.Tensor, binary: bool, dtype: torch.dtype) -> t
 
 
 def _derived_weight(
-    spec: UncertaintyWeight, u: torch.Tensor, threshold: torch.Tensor
+    spec: UncertaintyWeight, p: torch.Tensor, threshold: Union[float, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The derived weight ``base + scale * s`` (B, 1, N) and the indicator's mass per sample."""
-    thr = threshold.to(u.dtype)
-    thr = thr.view(-1, 1, 1) if thr.ndim else thr
+    """The derived weight ``base + scale * s`` (B, 1, N) and the indicator's total mass (0-d).
+
+    ``s`` compares the normalised entropy ``u = min(H / ln K, 1)`` of ``p`` with the threshold.
+    A hard region compares the entropy ``H`` (nats) itself with ``tau ln K``: no ``(B, N)`` map
+    of ``u`` (``tau >= 1`` selects nothing, as ``u <= 1``).
+    """
+    ln_k = math.log(p.shape[1])
+    h = torch.special.entr(p).sum(1, keepdim=True)  # entr(0) = 0: -inf logits are fine
+    thr: Any = threshold
+    if isinstance(thr, torch.Tensor):
+        thr = thr.to(h.dtype)
+        thr = thr.view(-1, 1, 1) if thr.ndim else thr
     if spec.temperature is None:
-        high = u > thr
-        hi, lo = spec.base + spec.scale, spec.base
-        if u.dtype != torch.get_default_dtype():  # where() of two numbers has that dtype
-            hi = u.new_full((), hi)  # type: ignore[assignment]
-        weight = torch.where(high, hi, lo) if spec.side == "high" else torch.where(high, lo, hi)
-        mass = high.sum((1, 2)).to(u.dtype)
-        if spec.side != "high":
-            mass = u.shape[-1] - mass
-        return weight, mass
-    s = spec.indicator(u, thr)
-    return s * spec.scale + spec.base, s.sum((1, 2))
+        if isinstance(thr, torch.Tensor):
+            h, thr = h.clamp_(max=ln_k), thr * ln_k
+        else:
+            thr = thr * ln_k if thr < 1 else math.inf
+        s = h > thr if spec.side == "high" else h <= thr
+        if spec.scale == 1 and h.dtype == torch.get_default_dtype():
+            weight = torch.add(s, spec.base) if spec.base else s.to(h.dtype)
+        else:
+            weight = s.to(h.dtype).mul_(spec.scale).add_(spec.base)
+        return weight, s.sum(dtype=h.dtype)
+    u = h.mul_(1.0 / ln_k).clamp_(max=1.0)
+    soft = spec.indicator(u, thr)
+    return soft * spec.scale + spec.base, soft.sum()
 
 
 class _Forward(NamedTuple):
     loss: torch.Tensor
     stats: RegionStats
-    mass: torch.Tensor
+    mass: Optional[torch.Tensor]  # None without a derived weight
     grad: Optional[torch.Tensor]  # dL/dz for a unit incoming gradient (per sample)
     deferred: Optional[tuple[torch.Tensor, ...]]  # (M, L, R, logp) when it depends on more
     layout: _Layout
@@ -205,7 +211,7 @@ def _run(
     ce = left[:, k : k + lay.ce_rows]
     if labels:
         y, valid = _labels(target, teacher, logits, opts)
-        torch.gather(logp, 1, y, out=ce).neg_()
+        torch.gather(logp, 1, y, out=ce)
     if lay.sq_rows:
         torch.mul(p, p, out=left[:, k + lay.ce_rows : lay.ones_row])
     left[:, lay.ones_row].fill_(1.0)
@@ -217,14 +223,14 @@ def _run(
         w = wv.reshape(wv.shape[0], 1, n).to(dt)
     if labels and valid is not None:
         w = valid.to(dt) if w is None else w * valid
-    mass = logp.new_zeros(bsz)
-    if derived is not None and threshold is not None:
+    mass: Optional[torch.Tensor] = None
+    if derived is not None:
         if teacher is None:
-            u = _normalized_entropy(p)
+            source = p
         else:
-            t3 = teacher.detach().reshape(bsz, channels, n)
-            u = _normalized_entropy(_teacher_probs(t3, binary, dt))
-        dw, mass = _derived_weight(derived, u, threshold)
+            source = _teacher_probs(teacher.detach().reshape(bsz, channels, n), binary, dt)
+        thr = derived.threshold if threshold is None else threshold
+        dw, mass = _derived_weight(derived, source, thr)
         w = dw if w is None else w * dw
 
     # right factor R (B, cols, N): w g, w [, w g^2]
@@ -239,10 +245,13 @@ def _run(
             g = torch.cat([1 - g, g], dim=1)
         torch.mul(g, 1.0 if w is None else w, out=wg)
         # a -inf logit at a class the target does not hold gives 0, not 0 * inf
-        torch.where(wg != 0, logp, 0.0, out=ce).neg_()
+        torch.where(wg != 0, logp, 0.0, out=ce)  # type: ignore[call-overload]
         if lay.sq_cols:
             torch.mul(wg, g, out=right[:, k + 1 :])
-    right[:, k : k + 1].copy_(1.0 if w is None else w.expand(bsz, 1, n))
+    if w is None:
+        right[:, k].fill_(1.0)
+    else:
+        right[:, k : k + 1].copy_(w.expand(bsz, 1, n))
 
     m = torch.bmm(left, right.mT)
     if not want_grad:
@@ -253,9 +262,50 @@ def _run(
         stats = _stats_from(m, lay, opts, cw)
         loss = finish(stats, opts, spec)
         return _Forward(loss, stats, mass, None, (m, left, right, logp), lay)
+    if labels and not lay.sq_rows and spec.group is None:
+        # the common case: the finishing's gradient in closed form, then a few full-size ops
+        stats = _stats_from(m, lay, opts, cw)
+        fg = finish_grad(stats, opts, spec)
+        dz = _label_grad(fg, left, right, logp, lay, cw)
+        return _Forward(fg.loss, stats, mass, dz[:, 1:] if binary else dz, None, lay)
     loss, stats, gm = _finish_and_grad(m, lay, opts, cw, spec, None)
     dz = _grad(gm, left, right, logp, lay, opts)
     return _Forward(loss, stats, mass, dz, None, lay)
+
+
+def _label_grad(
+    fg: FinishGrad,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    logp: torch.Tensor,
+    lay: _Layout,
+    cw: Optional[torch.Tensor],
+) -> torch.Tensor:
+    r"""dL/dz (B, K, N) for label targets from the closed-form gradients of the statistics.
+
+    With ``dL/dp = h = gI (w g) + gP w`` (one product of ``[diag(gI) | gP]`` with the right
+    factor ``R = [w g; w]``) and the cross-entropy's ``dL/d(log p) = -g_ce omega_y w g``, the
+    gradient with respect to the log-probabilities is ``D = p h - g_ce omega (w g)``, and the
+    log-softmax backward ``D - p sum_c D_c`` (one kernel) gives dL/dz.
+    """
+    k = lay.k
+    p, wg = left[:, :k], right[:, :k]
+    coef: Any = fg.ce_num
+    if isinstance(coef, torch.Tensor) and coef.ndim:
+        coef = coef.view(-1, 1, 1)
+    if cw is not None and coef is not None:
+        coef = cw.view(1, k, 1) * coef
+    if fg.inter is not None and fg.pred is not None:
+        gm = torch.cat([torch.diag_embed(fg.inter), fg.pred.unsqueeze(-1)], dim=-1)
+        d = torch.bmm(gm, right[:, : k + 1]).mul_(p)
+        if isinstance(coef, torch.Tensor):
+            d.addcmul_(wg, coef, value=-1.0)
+        elif coef is not None:
+            d.add_(wg, alpha=-coef)
+    else:
+        assert coef is not None  # a loss has at least one term
+        d = wg * -coef
+    return torch.ops.aten._log_softmax_backward_data(d, logp, 1, logp.dtype)
 
 
 def _finish_and_grad(
@@ -293,15 +343,15 @@ def _grad(
     if lay.sq_rows:
         dp = dp.addcmul(p, d[:, k + lay.ce_rows : lay.ones_row], value=2.0)
     dz = torch.ops.aten._softmax_backward_data(dp, p, 1, dt)
-    dce = d[:, k : k + lay.ce_rows]  # dL/d(-log p of the target)
+    dce = d[:, k : k + lay.ce_rows]  # dL/d(log p of the target)
     if opts.kind == "labels":
-        # d(-log p_y)/dz = p - onehot(y), and onehot(y) dce = w g (gM[ce, y] + gM[ce, K])
-        dz.addcmul_(p, dce)
+        # d(log p_y)/dz = onehot(y) - p, and onehot(y) dce = w g (gM[ce, y] + gM[ce, K])
+        dz.addcmul_(p, dce, value=-1.0)
         coef = gm[:, k, :k] + gm[:, k, k : k + 1]
-        dz.addcmul_(wg, coef.unsqueeze(-1), value=-1.0)
+        dz.addcmul_(wg, coef.unsqueeze(-1))
     else:
         dl = dce * (wg != 0)
-        dz.addcmul_(p, dl.sum(1, keepdim=True)).sub_(dl)
+        dz.addcmul_(p, dl.sum(1, keepdim=True), value=-1.0).add_(dl)
     return (
         dz[:, 1:] if opts.activation == "sigmoid" else dz
     )  # binary: the pair (0, z), the gradient of z
@@ -332,8 +382,11 @@ class _AcceleratorLoss(torch.autograd.Function):
         elif out.grad is not None:
             ctx.save_for_backward(out.grad)
         ctx.deferred = out.deferred is not None
-        ctx.mark_non_differentiable(out.mass, *out.stats)
-        return (out.loss, out.mass, *out.stats)
+        # the outputs besides the loss carry no gradient: no zeros for them in backward
+        ctx.set_materialize_grads(False)
+        extra = out.stats if out.mass is None else (out.mass, *out.stats)
+        ctx.mark_non_differentiable(*extra)
+        return (out.loss, *extra)
 
     @staticmethod
     @once_differentiable
@@ -359,10 +412,13 @@ def accelerator_loss(
     spec: Finish,
     derived: Optional[UncertaintyWeight] = None,
     teacher: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, RegionStats, torch.Tensor]:
+) -> tuple[torch.Tensor, RegionStats, Optional[torch.Tensor]]:
     """The engine entry (see [`bual_losses.engines`][]): ``(loss, stats, mass)``."""
-    threshold = None if derived is None else derived.threshold
-    loss, mass, *stats = _AcceleratorLoss.apply(
+    # a tensor threshold travels as an argument of the node, a number inside the spec
+    threshold = None
+    if derived is not None and isinstance(derived.threshold, torch.Tensor):
+        threshold, derived = derived.threshold, derived._replace(threshold=_NO_TENSOR)
+    loss, *outputs = _AcceleratorLoss.apply(
         logits,
         target,
         teacher,
@@ -371,9 +427,10 @@ def accelerator_loss(
         opts.class_weight,
         opts._replace(class_weight=None),
         spec,
-        None if derived is None else derived._replace(threshold=_NO_TENSOR),
+        derived,
     )
-    return loss, RegionStats(*stats), mass
+    mass = None if derived is None else outputs.pop(0)
+    return loss, RegionStats(*outputs), mass
 
 
 _NO_TENSOR = torch.empty(0)

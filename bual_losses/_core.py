@@ -189,16 +189,21 @@ def parse_options(
     cw = None if class_weight is None else V.require_class_weight(class_weight, num_classes, logits)
     ignore = V.require_ignore_index(ignore_index, kind)
     if validate:
-        # finiteness of the logits is checked on the result (see check_finite_result): NaN or
-        # +Inf logits always make it non-finite, and that costs O(B*C) instead of a pass over
-        # the logits.
+        # Finiteness of the logits is checked on the result (see check_result): NaN or +Inf
+        # logits always make it non-finite, at O(B*C) instead of a pass over the logits. On
+        # accelerators each check is a kernel launch: integer labels out of range fail the
+        # one-hot scatter of every engine (a device-side error), and the region weight is
+        # checked with the result, in one assertion.
+        cpu = logits.device.type == "cpu"
         if target is None:
             pass
         elif kind == "labels":
-            V.check_labels(V.labels_view(target, logits), num_classes, ignore)
+            labels = V.labels_view(target, logits)
+            if cpu or labels.is_floating_point():
+                V.check_labels(labels, num_classes, ignore)
         else:
             V.check_probabilities(target)
-        if region_weight is not None:
+        if region_weight is not None and cpu:
             V.check_nonnegative(region_weight, "region_weight")
     return Options(
         activation=activation,
@@ -236,38 +241,63 @@ def _ce(stats: RegionStats, reduction: str, eps: float) -> torch.Tensor:
     return stats.ce_num.sum() / (stats.ce_den.sum() + eps)
 
 
-def dice_terms(stats: RegionStats, opts: Options) -> torch.Tensor:
-    """Weighted Dice loss terms, ``(B, K')`` or ``(K',)`` with ``batch=True``."""
+class _DiceParts(NamedTuple):
+    """The Dice terms' pieces over the classes kept: numerator ``2 I + s_nr``, denominator
+    ``P + G`` (without ``s_dr``), the class weights kept and how many leading classes were
+    dropped (background, or class 0 of binary logits)."""
+
+    numerator: torch.Tensor
+    denominator: torch.Tensor
+    class_weight: Optional[torch.Tensor]
+    dropped: int
+
+
+def _dice_parts(stats: RegionStats, opts: Options) -> _DiceParts:
     inter, pred, ground = stats.inter, stats.pred, stats.ground
     if opts.batch:
         inter, pred, ground = inter.sum(0), pred.sum(0), ground.sum(0)
-    cw = opts.class_weight
+    cw, dropped = opts.class_weight, 0
     if opts.activation == "sigmoid":
         # binary logits: Dice on the foreground channel only (as MONAI with C == 1)
-        inter, pred, ground, cw = inter[..., 1:], pred[..., 1:], ground[..., 1:], None
+        inter, pred, ground, cw, dropped = inter[..., 1:], pred[..., 1:], ground[..., 1:], None, 1
     elif not opts.include_background:
-        inter, pred, ground = inter[..., 1:], pred[..., 1:], ground[..., 1:]
+        inter, pred, ground, dropped = inter[..., 1:], pred[..., 1:], ground[..., 1:], 1
         cw = None if cw is None else cw[1:]
     numerator = inter * 2.0
     if opts.smooth_nr != 0:
         numerator = numerator + opts.smooth_nr
-    denominator = pred + ground
+    cw = None if cw is None else cw.to(numerator.dtype)
+    return _DiceParts(numerator, pred + ground, cw, dropped)
+
+
+def _dice_score(
+    parts: _DiceParts, opts: Options, with_inverse: bool = False
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(score, inv)``: the Dice score ``numerator / (P + G + s_dr)`` and, if asked for, the
+    inverse denominator ``inv`` (``d score / dI = 2 inv``, ``d score / dP = -score inv``).
+
+    Empty-denominator policy: a term with nothing predicted, nothing to find and no smoothing
+    (only possible with ``s_dr = 0``) counts as perfectly segmented: score 1 and ``inv = 0``, so
+    its loss and its gradient are 0. (A division, not a product with ``inv``: an empty region
+    with equal smoothing then scores exactly 1.)
+    """
     if opts.smooth_dr > 0:
-        # pred, ground >= 0: the denominator is >= smooth_dr > 0
-        score = numerator / (denominator + opts.smooth_dr)
-    else:
-        # Empty-denominator policy: a term with nothing predicted, nothing to find and no
-        # smoothing counts as perfectly segmented: loss 0, zero gradient.
-        empty = denominator <= 0
-        score = torch.where(
-            empty,
-            torch.ones_like(numerator),
-            numerator / torch.where(empty, torch.ones_like(denominator), denominator),
-        )
-    terms = 1 - score
-    if cw is not None:
-        terms = terms * cw.to(terms.dtype)
-    return terms
+        # P, G >= 0: the denominator is >= smooth_dr > 0
+        den = parts.denominator + opts.smooth_dr
+        return parts.numerator / den, den.reciprocal() if with_inverse else None
+    empty = parts.denominator <= 0
+    safe = torch.where(empty, torch.ones_like(parts.denominator), parts.denominator)
+    score = torch.where(empty, torch.ones_like(safe), parts.numerator / safe)
+    if not with_inverse:
+        return score, None
+    return score, torch.where(empty, torch.zeros_like(safe), safe.reciprocal())
+
+
+def dice_terms(stats: RegionStats, opts: Options) -> torch.Tensor:
+    """Weighted Dice loss terms, ``(B, K')`` or ``(K',)`` with ``batch=True``."""
+    parts = _dice_parts(stats, opts)
+    terms = 1 - _dice_score(parts, opts)[0]
+    return terms if parts.class_weight is None else terms * parts.class_weight
 
 
 def _dice(stats: RegionStats, opts: Options, reduction: str) -> torch.Tensor:
@@ -298,6 +328,68 @@ def finish(stats: RegionStats, opts: Options, spec: Finish) -> torch.Tensor:
         dice = _scaled(_dice(stats, opts, spec.reduction), spec.lambda_dice)
         out = dice if out is None else out + dice
     return stats.ce_num.new_zeros(()) if out is None else out
+
+
+class FinishGrad(NamedTuple):
+    """The loss and its gradients with respect to the statistics that carry one: ``ce_num``
+    (a number, a 0-d or a ``(B,)`` tensor; None without a CE term), ``inter`` and ``pred``
+    (``(B, K)``; None without a Dice term)."""
+
+    loss: torch.Tensor
+    ce_num: Union[float, torch.Tensor, None]
+    inter: Optional[torch.Tensor]
+    pred: Optional[torch.Tensor]
+
+
+def finish_grad(stats: RegionStats, opts: Options, spec: Finish) -> FinishGrad:
+    """``finish`` and its gradient in closed form, for one process (``spec.group`` None) and a
+    loss that is a number or one number per sample (not ``region_dice_loss``'s per-class
+    terms): the accelerator engine's few small kernels instead of an autograd pass.
+
+    With ``reduction="none"`` the gradients are those of each sample's own loss (a sample's
+    loss depends on its statistics only). Tested against autograd through ``finish``.
+    """
+    reduction = spec.reduction
+    loss: Optional[torch.Tensor] = None
+    g_ce: Union[float, torch.Tensor, None] = None
+    g_inter = g_pred = None
+    if spec.lambda_ce != 0:
+        if reduction == "sum":
+            ce, g_ce = stats.ce_num.sum(), spec.lambda_ce
+        else:
+            den = stats.ce_den if reduction == "none" else stats.ce_den.sum()
+            inv = (den + opts.eps).reciprocal()
+            ce = (stats.ce_num if reduction == "none" else stats.ce_num.sum()) * inv
+            g_ce = _scaled(inv, spec.lambda_ce)
+        loss = _scaled(ce, spec.lambda_ce)
+    if spec.lambda_dice != 0:
+        parts = _dice_parts(stats, opts)
+        score, inv_den = _dice_score(parts, opts, with_inverse=True)
+        assert inv_den is not None
+        terms = 1 - score
+        cw = parts.class_weight
+        if cw is not None:
+            terms = terms * cw
+        if reduction == "sum":
+            dice, factor = terms.sum(), spec.lambda_dice
+        elif reduction == "none":
+            dice, factor = terms.mean(-1), spec.lambda_dice / terms.shape[-1]
+        else:
+            dice, factor = terms.mean(), spec.lambda_dice / terms.numel()
+        # d terms / dI = -2 w inv, d terms / dP = w score inv (w: the class weights)
+        scale = inv_den * factor if cw is None else inv_den * (cw * factor)
+        g_inter, g_pred = scale * -2.0, score * scale
+        shape = stats.inter.shape
+        if opts.batch:
+            g_inter, g_pred = g_inter.expand(shape[0], -1), g_pred.expand(shape[0], -1)
+        if parts.dropped:
+            g_inter = torch.nn.functional.pad(g_inter, (parts.dropped, 0))
+            g_pred = torch.nn.functional.pad(g_pred, (parts.dropped, 0))
+        dice = _scaled(dice, spec.lambda_dice)
+        loss = dice if loss is None else loss + dice
+    if loss is None:
+        loss = stats.ce_num.new_zeros(stats.ce_num.shape if reduction == "none" else ())
+    return FinishGrad(loss, g_ce, g_inter, g_pred)
 
 
 def _finish_global(
@@ -333,22 +425,45 @@ def _finish_global(
     return out
 
 
-def check_finite_result(
-    loss: torch.Tensor, stats: RegionStats, spec: Finish, name: str = "logits"
+def check_result(
+    loss: torch.Tensor,
+    stats: RegionStats,
+    spec: Finish,
+    region_weight: Optional[torch.Tensor] = None,
+    teacher: Optional[torch.Tensor] = None,
 ) -> None:
-    """Finiteness of the logits, checked on the O(B*C) result: NaN or +Inf logits always make
-    the statistics non-finite, and so does -Inf at a target class.
+    """The value checks that read the result: finite logits (and teacher logits, and a finite,
+    non-negative region weight on accelerators).
 
-    When both terms are in the loss, every statistic that can turn non-finite reaches it, so
-    one check of the (0-d or ``(B,)``) loss suffices (on accelerators, each check is a kernel
-    launch); otherwise the statistics themselves are checked.
+    Finiteness of the logits is checked on the O(B*C) result: NaN or +Inf logits always make
+    the statistics non-finite, and so does -Inf at a target class. When both terms are in the
+    loss, every statistic that can turn non-finite reaches it, so the loss is checked;
+    otherwise the statistics themselves are.
+
+    On CPU the region weight and the teacher logits were checked before, each with its own
+    message. On accelerators every check is a kernel launch and fails asynchronously anyway,
+    so they are folded into **one** assertion: ``min(region_weight) + 0 * x >= 0`` (or
+    ``x - x == 0`` without a weight), where ``x`` is the checked result plus ``0 *`` the
+    teacher's extreme values: any NaN or Inf turns it to NaN, which fails the comparison.
     """
-    message = (
-        f"`{name}` must be finite: the loss statistics are NaN/Inf, so `{name}` contain NaN "
-        "or +Inf (or -Inf at a target class)."
-    )
-    if spec.lambda_ce != 0 and spec.lambda_dice != 0 and not spec.dice_terms:
-        finite = torch.isfinite(loss)
-        V.check_values(finite.all() if finite.ndim else finite, message)
+    both = spec.lambda_ce != 0 and spec.lambda_dice != 0 and not spec.dice_terms
+    x = loss if both else stats.ce_num.sum() + stats.pred.sum()
+    if loss.device.type == "cpu":
+        message = (
+            "`logits` must be finite: the loss statistics are NaN/Inf, so `logits` contain NaN "
+            "or +Inf (or -Inf at a target class)."
+        )
+        V.check_values(((x - x) == 0).all(), message)
         return
-    V.check_values(torch.isfinite(stats.ce_num).all() & torch.isfinite(stats.pred).all(), message)
+    if teacher is not None:
+        lo, hi = torch.aminmax(teacher.detach())
+        x = torch.add(x, lo + hi, alpha=0)
+    if region_weight is not None and region_weight.dtype != torch.bool:
+        ok = torch.add(region_weight.amin(), x, alpha=0) >= 0
+    else:
+        ok = (x - x) == 0
+    V.check_values(
+        ok.all() if ok.ndim else ok,
+        "a value check failed: `logits` must be finite (-Inf only at a class the target does "
+        "not hold), the teacher's logits finite and `region_weight` finite and >= 0.",
+    )

@@ -109,26 +109,26 @@ def reference_loss(
     spec: Finish,
     derived: Optional[UncertaintyWeight] = None,
     teacher: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, RegionStats, torch.Tensor]:
+) -> tuple[torch.Tensor, RegionStats, Optional[torch.Tensor]]:
     """The engine entry (see ``bual_losses.engines``): ``(loss, stats, mass)``.
 
     ``teacher`` logits give the target (their ``pseudo_labels``) when ``target`` is None, and
     the uncertainty of ``derived`` (else the detached ``logits`` do); ``mass`` is the sum of the
-    derived region indicator per sample (zeros without one).
+    derived region indicator over the batch (None without one).
     """
     source = logits if teacher is None else teacher.detach()
     if target is None:
         with torch.no_grad():
             target = cast(torch.Tensor, pseudo_labels(source))
-    mass = logits.new_zeros(logits.shape[0], dtype=accumulation_dtype(logits.dtype))
+    mass = None
     if derived is not None:
         u = normalized_entropy(source)
-        thr = derived.threshold.to(u.dtype)
+        thr = torch.as_tensor(derived.threshold, dtype=u.dtype, device=u.device)
         s = derived.indicator(u, thr.view(-1, *([1] * (u.ndim - 1))) if thr.ndim else thr)
         weight = derived.base + derived.scale * s
         if region_weight is not None:
             weight = weight * V.weight_view(region_weight, logits).to(weight.dtype)
         region_weight = weight
-        mass = s.to(mass.dtype).reshape(s.shape[0], -1).sum(1)
+        mass = s.to(accumulation_dtype(logits.dtype)).sum()
     stats = reference_stats(logits, target, region_weight, opts)
     return finish(stats, opts, spec), stats, mass

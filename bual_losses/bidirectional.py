@@ -22,6 +22,7 @@ consistency weight $\lambda(t) = 0.1\,\text{sigmoid\_rampup}(t, T)$, with $T$ = 
 
 from __future__ import annotations
 
+import math
 from numbers import Real
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union, cast
 
@@ -211,6 +212,19 @@ def _uncertainty_map(
     return u
 
 
+def _number_threshold(threshold: Threshold, step: Numeric) -> Optional[float]:
+    """The threshold as a Python number when it is one (or a Schedule gives one at ``step``):
+    compared as a scalar, it costs no kernel."""
+    value: Any = threshold
+    if callable(value) and not isinstance(value, (torch.Tensor, RatioSchedule)):
+        value = value(step)
+    if isinstance(value, bool) or not isinstance(value, Real):
+        return None
+    if value != value:
+        raise ValueError("`threshold` must not be NaN (+-inf are allowed), got nan.")
+    return float(value)
+
+
 def _flat_threshold(thr: torch.Tensor) -> torch.Tensor:
     return thr.reshape(thr.shape[0]) if thr.ndim > 0 else thr
 
@@ -238,7 +252,7 @@ def _branch(
     step: Numeric,
     uncertainty: Optional[torch.Tensor],
     teacher: Optional[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, Union[float, torch.Tensor], torch.Tensor]:
     """One branch through the engine entrance: its loss, threshold and region fraction.
 
     The uncertainty is the caller's map, else the normalised entropy of ``teacher`` (if given)
@@ -253,18 +267,20 @@ def _branch(
     if u is None and isinstance(region.threshold, RatioSchedule):
         u = normalized_entropy(logits if teacher is None else teacher)
     if u is None:
-        # resolve_threshold reads only the shape of the map for these thresholds: a (B, *S)
-        # broadcast of one element stands in for it (no memory, the true shapes in messages)
-        probe = logits.new_zeros((), dtype=dtype).expand(b, *spatial)
-        thr = _flat_threshold(
-            cast(torch.Tensor, resolve_threshold(probe, region.threshold, step=step))
-        )
+        thr: Union[float, torch.Tensor, None] = _number_threshold(region.threshold, step)
+        if thr is None:
+            # resolve_threshold reads only the shape of the map for these thresholds: a (B, *S)
+            # broadcast of one element stands in for it (no memory, the true shapes in messages)
+            probe = logits.new_empty((), dtype=dtype).expand(b, *spatial)
+            resolved = resolve_threshold(probe, region.threshold, step=step)
+            thr = _flat_threshold(cast(torch.Tensor, resolved))
         derived = UncertaintyWeight(thr, region.side, region.base, region.scale, region.temperature)
         loss, mass = region_loss(
             logits, target, None, opts, spec,
             impl=impl, validate=validate, derived=derived, teacher=teacher,
         )  # fmt: skip
-        return loss, thr, global_mean(mass.sum(), probe.numel(), group)
+        assert mass is not None  # a derived weight always has one
+        return loss, thr, global_mean(mass, math.prod(spatial) * b, group)
     thr_full = cast(
         torch.Tensor, resolve_threshold(u, region.threshold, step=step, sync_dist=group)
     )
@@ -452,7 +468,7 @@ def bidirectional_loss(
         V.require_same_device(
             teacher_labeled_logits, "teacher_labeled_logits", zl, "student_labeled_logits"
         )
-        if validate:
+        if validate and zl.device.type == "cpu":  # elsewhere: with the branch's result
             V.check_finite(teacher_labeled_logits, "teacher_labeled_logits")
     elif labeled_uncertainty is not None:
         u_l = _uncertainty_map(labeled_uncertainty, zl, "labeled_uncertainty", validate)
@@ -465,12 +481,22 @@ def bidirectional_loss(
     # a constant weight stays a Python number: evaluated at a tensor step it would be rounded
     # to the step's float dtype
     lam = consistency_weight if isinstance(consistency_weight, Real) else lam_schedule(step)
-    lam_t = lam if isinstance(lam, torch.Tensor) else loss_l.new_full((), float(lam))
-    lam_t = lam_t.to(device=loss_l.device, dtype=loss_l.dtype)
+    if isinstance(lam, torch.Tensor):
+        lam = lam.to(device=loss_l.device, dtype=loss_l.dtype)
+
+    def parts_of(*values: Union[float, torch.Tensor]) -> BidirectionalParts:
+        """The parts as tensors, made only when asked for (on a GPU each is a kernel)."""
+        as_tensors = (
+            x if isinstance(x, torch.Tensor) else loss_l.new_full((), float(x))
+            for x in (*values, lam)
+        )
+        l_l, l_u, t_h, t_l, f_h, f_l, lam_t = as_tensors
+        return BidirectionalParts(l_l, l_u, lam_t, t_h, t_l, f_h, f_l)
+
     if student_unlabeled_logits is None or teacher_unlabeled_logits is None:
-        zero = loss_l.new_zeros(())
-        parts = BidirectionalParts(loss_l, zero, lam_t, thr_h, zero, frac_h, zero)
-        return (loss_l, parts) if return_parts else loss_l
+        if not return_parts:
+            return loss_l
+        return loss_l, parts_of(loss_l, 0.0, thr_h, 0.0, frac_h, 0.0)
 
     # unlabeled branch: low-uncertainty selection of the teacher's pseudo-label, both taken by
     # the engine from the teacher's logits in the pass over the student's
@@ -478,7 +504,7 @@ def bidirectional_loss(
     u_u: Optional[torch.Tensor] = None
     if unlabeled_uncertainty is not None:
         u_u = _uncertainty_map(unlabeled_uncertainty, zt, "unlabeled_uncertainty", validate)
-    if validate:
+    if validate and zt.device.type == "cpu":  # elsewhere: with the branch's result
         V.check_finite(zt, "teacher_unlabeled_logits")
     opts_u = opts._replace(kind="labels", ignore_index=None)
     low = _Region(tau_l, "low", float(beta), 1.0 - float(beta), temperature)
@@ -486,7 +512,7 @@ def bidirectional_loss(
         zu, None, opts_u, spec, low, impl=impl, validate=validate, step=step,
         uncertainty=u_u, teacher=zt,
     )  # fmt: skip
-    loss = loss_l + lam_t * loss_u
+    loss = loss_l + lam * loss_u
     if not return_parts:
         return loss
-    return loss, BidirectionalParts(loss_l, loss_u, lam_t, thr_h, thr_l, frac_h, frac_l)
+    return loss, parts_of(loss_l, loss_u, thr_h, thr_l, frac_h, frac_l)

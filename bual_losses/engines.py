@@ -29,7 +29,7 @@ import torch
 
 from . import _validation as V
 from ._accelerator import accelerator_loss
-from ._core import Finish, Options, RegionStats, check_finite_result
+from ._core import Finish, Options, RegionStats, check_result
 from ._reference import reference_loss
 from .fused import fused_loss
 from .regions import UncertaintyWeight
@@ -39,7 +39,7 @@ __all__ = ["ENGINES", "select_engine", "use_engine"]
 ENGINES = ("reference", "chunked", "accelerator")
 """The engine names: see the table above."""
 
-_Engine = Callable[..., tuple[torch.Tensor, RegionStats, torch.Tensor]]
+_Engine = Callable[..., tuple[torch.Tensor, RegionStats, Optional[torch.Tensor]]]
 _RUNNERS: dict[str, _Engine] = {
     "reference": reference_loss,
     "chunked": fused_loss,
@@ -107,16 +107,16 @@ def region_loss(
     validate: bool,
     derived: Optional[UncertaintyWeight] = None,
     teacher: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Run the engine that ``impl`` picks for the logits' device: ``(loss, mass)``.
 
     ``derived`` multiplies the region weight by a weight derived from the normalised entropy of
     ``teacher`` (if given, else of the detached ``logits``) inside the engine; ``target=None``
     takes the teacher's pseudo-labels as the target, from the same pass. ``mass`` is the sum of
-    the derived region indicator per sample ``(B,)`` (zeros without ``derived``).
+    the derived region indicator over the batch, 0-d (None without ``derived``).
     """
     run = _RUNNERS[select_engine(impl, logits.device)]
     loss, stats, mass = run(logits, target, region_weight, opts, spec, derived, teacher)
     if validate:
-        check_finite_result(loss, stats, spec)
+        check_result(loss, stats, spec, region_weight, teacher)
     return loss, mass

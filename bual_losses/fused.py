@@ -191,7 +191,7 @@ def _load_chunk(
             assert teacher_ws is not None
             tz, td, tp = _probs(prep._replace(logits=prep.teacher), ch, teacher_ws)
             u = _normalized_entropy(tz, td, tp, teacher_ws)
-        thr = spec.threshold.to(u.dtype)
+        thr = torch.as_tensor(spec.threshold).to(u.dtype)
         indicator = spec.indicator(u, thr[ch.b0 : ch.b1, None] if thr.ndim == 1 else thr)
         derived = torch.mul(indicator, spec.scale, out=ws.small(_U, nb, n)).add_(spec.base)
         w = torch.mul(w, derived, out=ws.small(_W, nb, n))
@@ -747,7 +747,11 @@ def fused_loss(
     spec: Finish,
     derived: Optional[UncertaintyWeight] = None,
     teacher: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, RegionStats, torch.Tensor]:
-    """The engine entry (see [`bual_losses.engines`][]): ``(loss, stats, mass)``."""
+) -> tuple[torch.Tensor, RegionStats, Optional[torch.Tensor]]:
+    """The engine entry (see [`bual_losses.engines`][]): ``(loss, stats, mass)``, the mass of
+    the derived indicator summed over the batch (None without a derived weight)."""
+    if derived is not None and not isinstance(derived.threshold, torch.Tensor):
+        thr = torch.tensor(derived.threshold, dtype=accumulation_dtype(logits.dtype))
+        derived = derived._replace(threshold=thr.to(logits.device))
     stats, mass = fused_stats(logits, target, region_weight, opts, derived, teacher)
-    return finish(stats, opts, spec), stats, mass
+    return finish(stats, opts, spec), stats, None if derived is None else mass.sum()

@@ -551,7 +551,8 @@ class UncertaintyWeight(NamedTuple):
     no gradient.
 
     Attributes:
-        threshold: the threshold of ``u``: a 0-d tensor or one value per sample, shape ``(B,)``.
+        threshold: the threshold of ``u``: a number, a 0-d tensor or one value per sample,
+            shape ``(B,)``.
         side: ``"high"`` (the region ``u > threshold`` gets the extra weight) or ``"low"``
             (``u <= threshold`` does).
         base: the weight outside the region (``s = 0``).
@@ -570,13 +571,13 @@ class UncertaintyWeight(NamedTuple):
         tensor([0.0474, 0.5000, 0.9820])
     """
 
-    threshold: torch.Tensor
+    threshold: Union[float, torch.Tensor]
     side: str = "high"
     base: float = 1.0
     scale: float = 1.0
     temperature: Optional[float] = None
 
-    def indicator(self, u: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    def indicator(self, u: torch.Tensor, threshold: Union[float, torch.Tensor]) -> torch.Tensor:
         """Region membership ``s`` in [0, 1]; ``threshold`` shaped to broadcast against ``u``."""
         if self.temperature is None:
             high = u > threshold
@@ -584,6 +585,6 @@ class UncertaintyWeight(NamedTuple):
         z = (u - threshold) / self.temperature
         return torch.sigmoid(z if self.side == "high" else -z)
 
-    def __call__(self, u: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    def __call__(self, u: torch.Tensor, threshold: Union[float, torch.Tensor]) -> torch.Tensor:
         """The weight ``base + scale * s``."""
         return self.base + self.scale * self.indicator(u, threshold)
