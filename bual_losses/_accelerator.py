@@ -48,10 +48,19 @@ from typing import Any, NamedTuple, Optional, Union, cast
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from . import _validation as V
-from ._core import Finish, FinishGrad, Options, RegionStats, accumulation_dtype, finish, finish_grad
+from ._core import (
+    Finish,
+    FinishGrad,
+    Options,
+    RegionStats,
+    accumulation_dtype,
+    finish,
+    finish_grad,
+    refuse_higher_order,
+    write_into,
+)
 from .pseudo import pseudo_labels
 from .regions import UncertaintyWeight
 
@@ -207,13 +216,13 @@ def _run(
 
     # left factor L (B, rows, N): p, -log p of the target, [p^2], 1
     left = logp.new_empty(bsz, lay.rows, n)
-    p = torch.exp(logp, out=left[:, :k])
+    p = write_into(left[:, :k], torch.exp, logp)
     ce = left[:, k : k + lay.ce_rows]
     if labels:
         y, valid = _labels(target, teacher, logits, opts)
-        torch.gather(logp, 1, y, out=ce)
+        write_into(ce, torch.gather, logp, 1, y)
     if lay.sq_rows:
-        torch.mul(p, p, out=left[:, k + lay.ce_rows : lay.ones_row])
+        write_into(left[:, k + lay.ce_rows : lay.ones_row], torch.mul, p, p)
     left[:, lay.ones_row].fill_(1.0)
 
     # the voxel weight w (B or 1, 1, N): region weight, valid labels, derived uncertainty weight
@@ -243,11 +252,11 @@ def _run(
         g = target.reshape(bsz, target.shape[1], n).to(dt)
         if binary:
             g = torch.cat([1 - g, g], dim=1)
-        torch.mul(g, 1.0 if w is None else w, out=wg)
+        write_into(wg, torch.mul, g, 1.0 if w is None else w)
         # a -inf logit at a class the target does not hold gives 0, not 0 * inf
-        torch.where(wg != 0, logp, 0.0, out=ce)  # type: ignore[call-overload]
+        write_into(ce, torch.where, wg != 0, logp, logp.new_zeros(()))
         if lay.sq_cols:
-            torch.mul(wg, g, out=right[:, k + 1 :])
+            write_into(right[:, k + 1 :], torch.mul, wg, g)
     if w is None:
         right[:, k].fill_(1.0)
     else:
@@ -262,15 +271,41 @@ def _run(
         stats = _stats_from(m, lay, opts, cw)
         loss = finish(stats, opts, spec)
         return _Forward(loss, stats, mass, None, (m, left, right, logp), lay)
-    if labels and not lay.sq_rows and spec.group is None:
-        # the common case: the finishing's gradient in closed form, then a few full-size ops
-        stats = _stats_from(m, lay, opts, cw)
-        fg = finish_grad(stats, opts, spec)
+    if spec.group is not None:  # the sums over ranks: autograd through the finishing
+        loss, stats, gm = _finish_and_grad(m, lay, opts, cw, spec, None)
+        return _Forward(loss, stats, mass, _grad(gm, left, right, logp, lay, opts), None, lay)
+    # one process: the finishing's gradient in closed form
+    stats = _stats_from(m, lay, opts, cw)
+    fg = finish_grad(stats, opts, spec)
+    if labels and not lay.sq_rows:  # the common case, in a few full-size ops
         dz = _label_grad(fg, left, right, logp, lay, cw)
         return _Forward(fg.loss, stats, mass, dz[:, 1:] if binary else dz, None, lay)
-    loss, stats, gm = _finish_and_grad(m, lay, opts, cw, spec, None)
-    dz = _grad(gm, left, right, logp, lay, opts)
-    return _Forward(loss, stats, mass, dz, None, lay)
+    dz = _grad(_grad_matrix(fg, m, lay, cw), left, right, logp, lay, opts)
+    return _Forward(fg.loss, stats, mass, dz, None, lay)
+
+
+def _grad_matrix(
+    fg: FinishGrad, m: torch.Tensor, lay: _Layout, cw: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """dL/dM from the closed-form gradients of the statistics (the entries ``_stats_from``
+    reads; ``ground`` and ``ce_den`` carry none)."""
+    k = lay.k
+    gm = torch.zeros_like(m)
+    if fg.inter is not None and fg.pred is not None:
+        gm[:, :k, :k].diagonal(dim1=1, dim2=2).copy_(fg.inter)
+        first = k + lay.ce_rows if lay.sq_rows else 0
+        gm[:, first : first + k, k] = fg.pred
+    if fg.ce_num is not None:  # ce_num = -(the CE entries), class-weighted
+        g_ce = torch.as_tensor(fg.ce_num, dtype=m.dtype, device=m.device)
+        g_ce = g_ce.reshape(-1, 1).expand(m.shape[0], 1)
+        per_class = -g_ce if cw is None else -g_ce * cw
+        if lay.ce_rows == 1 and cw is None:
+            gm[:, k, k] = per_class[:, 0]
+        elif lay.ce_rows == 1:
+            gm[:, k, :k] = per_class
+        else:
+            gm[:, k : 2 * k, :k].diagonal(dim1=1, dim2=2).copy_(per_class.expand(-1, k))
+    return gm
 
 
 def _label_grad(
@@ -302,9 +337,10 @@ def _label_grad(
             d.addcmul_(wg, coef, value=-1.0)
         elif coef is not None:
             d.add_(wg, alpha=-coef)
-    else:
-        assert coef is not None  # a loss has at least one term
+    elif coef is not None:
         d = wg * -coef
+    else:  # lambda_ce = lambda_dice = 0: a constant loss
+        return torch.zeros_like(p)
     return torch.ops.aten._log_softmax_backward_data(d, logp, 1, logp.dtype)
 
 
@@ -389,13 +425,16 @@ class _AcceleratorLoss(torch.autograd.Function):
         return (out.loss, *extra)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_loss: torch.Tensor, *_unused: Any) -> tuple[Any, ...]:
+        refuse_higher_order()
+        if grad_loss is None:  # nothing flows back through the loss
+            return (None,) * 9
         if ctx.deferred:
             m, left, right, logp, cw = ctx.saved_tensors
             cw = None if cw is None else cw.to(m.dtype)
-            gm = _finish_and_grad(m, ctx.layout, ctx.opts, cw, ctx.spec, grad_loss.to(m.dtype))[2]
-            dz = _grad(gm, left, right, logp, ctx.layout, ctx.opts)
+            opts = ctx.opts._replace(class_weight=cw)
+            gm = _finish_and_grad(m, ctx.layout, opts, cw, ctx.spec, grad_loss.to(m.dtype))[2]
+            dz = _grad(gm, left, right, logp, ctx.layout, opts)
             return dz.to(ctx.dtype).reshape(ctx.shape), *([None] * 8)
         (dz,) = ctx.saved_tensors
         if grad_loss.ndim:  # reduction="none": one loss per sample

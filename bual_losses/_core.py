@@ -357,10 +357,10 @@ def finish_grad(stats: RegionStats, opts: Options, spec: Finish) -> FinishGrad:
         if reduction == "sum":
             ce, g_ce = stats.ce_num.sum(), spec.lambda_ce
         else:
-            den = stats.ce_den if reduction == "none" else stats.ce_den.sum()
-            inv = (den + opts.eps).reciprocal()
-            ce = (stats.ce_num if reduction == "none" else stats.ce_num.sum()) * inv
-            g_ce = _scaled(inv, spec.lambda_ce)
+            # the value as finish computes it (a division), bit for bit
+            den = (stats.ce_den if reduction == "none" else stats.ce_den.sum()) + opts.eps
+            ce = (stats.ce_num if reduction == "none" else stats.ce_num.sum()) / den
+            g_ce = _scaled(den.reciprocal(), spec.lambda_ce)
         loss = _scaled(ce, spec.lambda_ce)
     if spec.lambda_dice != 0:
         parts = _dice_parts(stats, opts)
@@ -423,6 +423,26 @@ def _finish_global(
     elif lambda_dice != 0:
         out = out + lambda_dice * (flat[2] if reduction == "sum" else flat[2] / flat[3])
     return out
+
+
+def write_into(view: torch.Tensor, op: Any, *args: Any) -> torch.Tensor:
+    """``op(*args, out=view)``; under ``torch.compile``, which refuses a non-contiguous
+    ``out=``, a strided ``view`` is written through a temporary instead."""
+    if view.is_contiguous() or not V.compiling():
+        return op(*args, out=view)
+    return view.copy_(op(*args))
+
+
+def refuse_higher_order() -> None:
+    """Called first in the fused engines' backward: their closed-form gradients are not
+    differentiable themselves, so ``create_graph=True`` (a second derivative, ``torch.func``)
+    gets a clear error instead of a wrong or cryptic one."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "The fused engines (impl='fused' / 'auto') compute first derivatives only; "
+            "backward(create_graph=True), double backward and torch.func transforms need "
+            "impl='reference'."
+        )
 
 
 def check_result(

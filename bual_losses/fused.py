@@ -56,7 +56,15 @@ from typing import Any, NamedTuple, Optional, cast
 import torch
 
 from . import _validation as V
-from ._core import Finish, Options, RegionStats, accumulation_dtype, finish
+from ._core import (
+    Finish,
+    Options,
+    RegionStats,
+    accumulation_dtype,
+    finish,
+    refuse_higher_order,
+    write_into,
+)
 from .pseudo import pseudo_labels
 from .regions import UncertaintyWeight
 
@@ -228,8 +236,8 @@ def _two_class_probs(prep: _Prepared, ch: _Chunk, ws: _Workspace) -> tuple[torch
         # 0 * max keeps the reference's NaN there (and with it the finiteness check)
         d.add_(torch.maximum(raw[:, 0], raw[:, 1], out=ws.small(_M, nb, n)).mul_(0.0))
     p = ws.big(_P, nb, 2, n)
-    _into(p[:, 1], torch.sigmoid, d)
-    _into(p[:, 0], torch.sigmoid, torch.neg(d, out=ws.small(_T, nb, n)))
+    write_into(p[:, 1], torch.sigmoid, d)
+    write_into(p[:, 0], torch.sigmoid, torch.neg(d, out=ws.small(_T, nb, n)))
     return d, p
 
 
@@ -321,20 +329,12 @@ def _softplus(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tens
     return torch.ops.aten.softplus.out(x, 1.0, _SOFTPLUS_THRESHOLD, out=out)
 
 
-def _into(view: torch.Tensor, op: Any, x: torch.Tensor) -> torch.Tensor:
-    """``op(x, out=view)``; under ``torch.compile``, which refuses a non-contiguous ``out=``, a
-    class row of several samples is written through a temporary instead."""
-    if view.is_contiguous() or not V.compiling():
-        return op(x, out=view)
-    return view.copy_(op(x))
-
-
 def _two_class_neg_log_probs(d: torch.Tensor, ws: _Workspace) -> torch.Tensor:
     """``-log p = [softplus(d), softplus(-d)]`` (nb, 2, n): exact, finite for finite ``d``."""
     nb, n = d.shape
     out = ws.big(_A, nb, 2, n)
-    _into(out[:, 0], _softplus, d)
-    _into(out[:, 1], _softplus, torch.neg(d, out=ws.small(_T, nb, n)))
+    write_into(out[:, 0], _softplus, d)
+    write_into(out[:, 1], _softplus, torch.neg(d, out=ws.small(_T, nb, n)))
     return out
 
 
@@ -607,6 +607,7 @@ class _FusedRegionStats(torch.autograd.Function):
         _g_ground: Any,
         _g_mass: Any,
     ) -> tuple[Optional[torch.Tensor], ...]:
+        refuse_higher_order()
         logits, target, teacher, region_weight, threshold, class_weight = ctx.saved_tensors
         prep = _prepare(logits, target, teacher, region_weight, ctx.opts)
         spec = (

@@ -7,9 +7,23 @@ to reproduce any it finds).
 """
 
 import os
+from collections.abc import Iterator
 
+import pytest
 from hypothesis import settings
+
+from bual_losses.engines import use_engine
 
 settings.register_profile("default", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture(scope="module", params=["chunked", "accelerator"])
+def fused_engine(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a module's ``impl="fused"`` calls on each fused engine in turn: the CPU chunked engine
+    and the accelerator engine (on CPU tensors, through ``bual_losses.engines.use_engine``), so
+    the equivalence, gradcheck, half-precision and compile tests cover both without a GPU.
+    Module-scoped: hypothesis tests may use it."""
+    with use_engine(request.param):
+        yield request.param

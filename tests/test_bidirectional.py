@@ -41,6 +41,9 @@ from bual_losses import (
 )
 from tests.strategies import seeds
 
+# every test here runs on both fused engines (see tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("fused_engine")
+
 F64 = torch.float64
 IMPLS = ("reference", "fused")
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}

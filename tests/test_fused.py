@@ -10,6 +10,7 @@ weight computed here; gradcheck runs in float64; a memory test proves that nothi
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,9 +26,13 @@ from hypothesis import strategies as st
 import bual_losses.fused as fused_module
 from bual_losses._core import Finish, RegionStats, finish, parse_options
 from bual_losses._reference import reference_stats
+from bual_losses.engines import use_engine
 from bual_losses.fused import UncertaintyWeight, fused_stats
 from bual_losses.losses import region_ce_dice_loss, region_ce_loss, region_dice_loss
 from tests.strategies import seeds, spatial_shapes
+
+# every test here runs on both fused engines (see tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("fused_engine")
 
 PROPERTY = settings(max_examples=80, deadline=None)
 CHUNKED = settings(max_examples=40, deadline=None)
@@ -303,6 +308,18 @@ def assert_fused_equals_reference(case: Case, **tol: Any) -> None:
             **tol,
         )
     assert_results_close(run(case, "fused"), run(case, "reference"), **tol)
+
+
+def on_the_chunked_engine(test: Callable[..., None]) -> Callable[..., None]:
+    """For tests of the CPU engine's node itself (what it saves, what its ctx holds): they run
+    there whatever engine the module's fixture selects."""
+
+    @functools.wraps(test)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        with use_engine("chunked"):
+            test(*args, **kwargs)
+
+    return wrapper
 
 
 @contextmanager
@@ -949,6 +966,7 @@ MEMORY_CASES: list[dict[str, Any]] = [
 
 
 @pytest.mark.parametrize("spec", MEMORY_CASES, ids=[str(i) for i in range(len(MEMORY_CASES))])
+@on_the_chunked_engine
 def test_fused_saves_only_per_sample_statistics(spec: dict[str, Any]) -> None:
     spec = dict(spec)
     shape = (2, spec.pop("channels", 4), 16, 8, 8)
@@ -982,6 +1000,7 @@ def test_fused_saves_only_per_sample_statistics(spec: dict[str, Any]) -> None:
     assert with_derived <= 64 * b * k * itemsize
 
 
+@on_the_chunked_engine
 def test_memory_check_detects_saved_probabilities() -> None:
     """The measure above does see a saved (B, C, *S) tensor (guards the test itself)."""
     z = torch.randn(2, 4, 16, 16, dtype=torch.float64, requires_grad=True)
@@ -992,17 +1011,17 @@ def test_memory_check_detects_saved_probabilities() -> None:
 
 
 def fused_node(out: torch.Tensor) -> Any:
-    """The grad_fn node (the ctx) of _FusedRegionStats that ``out`` depends on."""
+    """The grad_fn node (the ctx) of the fused engine's node that ``out`` depends on."""
     stack, seen = [out.grad_fn], set()
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        if type(node).__name__ == "_FusedRegionStatsBackward":
+        if type(node).__name__ in ("_FusedRegionStatsBackward", "_AcceleratorLossBackward"):
             return node
         stack.extend(next_node for next_node, _ in node.next_functions)
-    raise AssertionError("no _FusedRegionStats node in the graph")
+    raise AssertionError("no fused node in the graph")
 
 
 def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
@@ -1030,6 +1049,7 @@ def assert_ctx_holds_only_inputs(
             assert shared or t.numel() <= small, (name, tuple(t.shape))
 
 
+@on_the_chunked_engine
 def test_ctx_keeps_views_of_contiguous_inputs() -> None:
     case = simple_case((2, 3, 8, 8), "soft", "float_ch", squared_pred=True)
     z = case.logits.clone().requires_grad_()
@@ -1039,6 +1059,7 @@ def test_ctx_keeps_views_of_contiguous_inputs() -> None:
 
 
 @pytest.mark.parametrize("which", ["channels_last_logits", "transposed_soft_target"])
+@on_the_chunked_engine
 def test_ctx_keeps_no_copy_of_non_contiguous_inputs(which: str) -> None:
     """Regression: a contiguous (B, C, N) copy of channels_last logits (or of a target whose
     spatial dims do not merge) used to be kept on the ctx until backward."""
@@ -1051,6 +1072,7 @@ def test_ctx_keeps_no_copy_of_non_contiguous_inputs(which: str) -> None:
     assert_ctx_holds_only_inputs(z.detach().requires_grad_(), target, None)
 
 
+@on_the_chunked_engine
 def test_ctx_keeps_views_of_channels_last_targets() -> None:
     """A target whose spatial dims merge into a view is not copied (one_hot(...).movedim)."""
     case = simple_case((2, 3, 8, 8), "labels", None)
@@ -1060,6 +1082,7 @@ def test_ctx_keeps_views_of_channels_last_targets() -> None:
 
 
 @pytest.mark.parametrize("which", ["weight", "target"])
+@on_the_chunked_engine
 def test_in_place_change_after_forward_is_detected_or_harmless(which: str) -> None:
     """Regression: target and weight used to bypass save_for_backward, so an in-place change
     between forward and backward silently changed the fused gradient."""
@@ -1100,7 +1123,7 @@ def test_auto_and_default_dispatch_to_fused(function: str) -> None:
     call = FUNCTIONS[function]
     for out in (call(logits, labels), call(logits, labels, impl="auto")):
         fused_node(out)
-    with pytest.raises(AssertionError, match="no _FusedRegionStats node"):
+    with pytest.raises(AssertionError, match="no fused node"):
         fused_node(call(logits, labels, impl="reference"))
 
 

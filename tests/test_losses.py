@@ -39,6 +39,9 @@ from bual_losses.losses import (
 )
 from tests.strategies import region_problems
 
+# every test here runs on both fused engines (see tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("fused_engine")
+
 monai_losses = pytest.importorskip("monai.losses")
 
 REF = "reference"

@@ -25,6 +25,9 @@ from bual_losses import (
     region_ce_dice_loss,
 )
 
+# every test here runs on both fused engines (see tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("fused_engine")
+
 F64 = torch.float64
 IMPLS = ("reference", "fused")
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}

@@ -1,0 +1,241 @@
+"""The engine entrance: which engine runs, the package's import graph, and the closed-form
+finishing gradient of the accelerator engine.
+
+The equivalence of each engine with the reference is tested by the loss, fused, bidirectional
+and module tests, which run on both fused engines (``tests/conftest.py``: ``fused_engine``).
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bual_losses
+from bual_losses import bidirectional_loss, region_ce_dice_loss
+from bual_losses._core import Finish, Options, RegionStats, finish, finish_grad
+from bual_losses.engines import ENGINES, select_engine, use_engine
+
+PACKAGE = Path(bual_losses.__file__).parent
+
+
+# --------------------------------------------------------------------------------------------
+# 1. the import graph: no cycle, engines import only the core and the leaves
+
+
+def _imports(path: Path) -> set[str]:
+    """The package modules a module imports, lazy imports inside functions included."""
+    module = f"bual_losses.{path.stem}" if path.stem != "__init__" else "bual_losses"
+    package = "bual_losses"
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith(package)}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package  # every module lives at the package's top level
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            if not target.startswith(package):
+                continue
+            if target == package:  # `from . import _validation`: the names are modules
+                found |= {f"{package}.{alias.name}" for alias in node.names}
+            else:
+                found.add(target)
+    found.discard(module)
+    return {name for name in found if name != package}
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = {f"bual_losses.{p.stem}": p for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    return {name: _imports(path) & set(modules) for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> Optional[list[str]]:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> Optional[list[str]]:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    graph = import_graph()
+    assert "bual_losses.losses" in graph and graph["bual_losses.engines"]  # the parser works
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph) or [])}"
+
+
+def test_the_cycle_finder_finds_cycles() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_lazy_imports_inside_functions_are_seen(tmp_path: Path) -> None:
+    source = tmp_path / "lazy.py"
+    source.write_text("def f():\n    from .losses import region_ce_loss\n    return 1\n")
+    assert _imports(source) == {"bual_losses.losses"}
+
+
+@pytest.mark.parametrize("engine", ["bual_losses._reference", "bual_losses.fused",
+                                    "bual_losses._accelerator"])  # fmt: skip
+def test_engines_import_only_the_core_and_the_leaves(engine: str) -> None:
+    """An engine sees the core (options, statistics, finishing) and the lower layers, never
+    another engine, the entrance or the public losses built on it."""
+    above = {
+        "bual_losses.losses",
+        "bual_losses.bidirectional",
+        "bual_losses.modules",
+        "bual_losses.engines",
+        "bual_losses._reference",
+        "bual_losses.fused",
+        "bual_losses._accelerator",
+    } - {engine}
+    imported = import_graph()[engine]
+    assert "bual_losses._core" in imported
+    assert not imported & above, sorted(imported & above)
+
+
+def test_losses_and_bidirectional_use_only_the_entrance() -> None:
+    graph = import_graph()
+    for module in ("bual_losses.losses", "bual_losses.bidirectional"):
+        engines = {"bual_losses.fused", "bual_losses._accelerator"}
+        assert "bual_losses.engines" in graph[module]
+        assert not graph[module] & engines, module
+
+
+# --------------------------------------------------------------------------------------------
+# 2. the entrance
+
+
+def test_select_engine_by_impl_and_device() -> None:
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert select_engine("auto", cpu) == select_engine("fused", cpu) == "chunked"
+    assert select_engine("auto", meta) == select_engine("fused", meta) == "accelerator"
+    assert select_engine("reference", meta) == "reference"
+    with use_engine("accelerator"):
+        assert select_engine("fused", cpu) == "accelerator"
+        assert select_engine("reference", cpu) == "reference"
+        with use_engine("chunked"):
+            assert select_engine("auto", meta) == "chunked"
+        assert select_engine("auto", cpu) == "accelerator"
+    assert select_engine("auto", cpu) == "chunked"
+    assert ENGINES == ("reference", "chunked", "accelerator")
+
+
+def test_use_engine_rejects_unknown_names() -> None:
+    with pytest.raises(ValueError, match="`name` must be one of"), use_engine("reference"):
+        pass
+
+
+def test_meta_tensors_run_the_accelerator_engine_without_data() -> None:
+    """The meta device takes the accelerator path (what the launch counts measure)."""
+    z = torch.randn(2, 3, 8, 8, device="meta", requires_grad=True)
+    y = torch.randint(0, 3, (2, 8, 8), device="meta")
+    loss = region_ce_dice_loss(z, y, torch.rand(2, 8, 8, device="meta"))
+    loss.backward()
+    assert loss.device.type == "meta" and z.grad is not None and z.grad.shape == z.shape
+    zu, zt = torch.randn(2, 3, 8, 8, device="meta", requires_grad=True), torch.randn_like(z)
+    bidirectional_loss(z, y, zu, zt, step=10, total_steps=100).backward()
+    assert zu.grad is not None
+
+
+@pytest.mark.parametrize("engine", ["chunked", "accelerator"])
+def test_fused_engines_refuse_higher_order_gradients_with_a_clear_message(engine: str) -> None:
+    """Their backward is closed form (the accelerator's a product with a precomputed gradient):
+    differentiating it again would be wrong, so create_graph=True names the way out."""
+    z = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (2, 4, 4))
+    with use_engine(engine):
+        loss = region_ce_dice_loss(z, y)
+        (grad,) = torch.autograd.grad(loss, z, retain_graph=True)
+        with pytest.raises(RuntimeError, match=r"create_graph=True.*impl='reference'"):
+            torch.autograd.grad(loss, z, create_graph=True)
+    (ref,) = torch.autograd.grad(region_ce_dice_loss(z, y, impl="reference"), z, create_graph=True)
+    torch.testing.assert_close(grad, ref.detach())
+
+
+# --------------------------------------------------------------------------------------------
+# 3. finish_grad == autograd through finish
+
+
+FINISH_KEYS = ("reduction", "batch", "include_background", "sigmoid", "class_weight", "smooth")
+FINISH_VALUES = (
+    ("mean", "sum", "none"), (False, True), (True, False), (False, True), (False, True), (1e-5, 0.0)
+)  # fmt: skip
+FINISH_OPTIONS = [
+    dict(zip(FINISH_KEYS, v))
+    for v in itertools.product(*FINISH_VALUES)
+    if not (v[0] == "none" and v[1])  # batch Dice has no per-sample value
+]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    lambdas=st.sampled_from([(1.0, 1.0), (0.3, 2.0), (0.0, 1.0), (1.0, 0.0)]),
+    empty=st.booleans(),
+)
+@pytest.mark.parametrize("option", FINISH_OPTIONS, ids=lambda o: "-".join(map(str, o.values())))
+def test_finish_grad_equals_autograd_through_finish(
+    option: dict[str, Any], seed: int, lambdas: tuple[float, float], empty: bool
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    b, k = 3, 2 if option["sigmoid"] else 4
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=gen, dtype=torch.float64) * 5
+
+    stats = RegionStats(rand(b), rand(b) + 0.5, rand(b, k), rand(b, k), rand(b, k))
+    if empty:  # a term with nothing predicted and nothing to find (the empty policy)
+        for t in (stats.inter, stats.pred, stats.ground):
+            t[0, -1] = 0.0
+    opts = Options(
+        activation="sigmoid" if option["sigmoid"] else "softmax",
+        kind="labels",
+        class_weight=rand(k) if option["class_weight"] else None,
+        ignore_index=None,
+        include_background=option["include_background"],
+        squared_pred=False,
+        smooth_nr=option["smooth"],
+        smooth_dr=option["smooth"],
+        batch=option["batch"],
+        eps=1e-8,
+    )
+    spec = Finish(*lambdas, option["reduction"])
+    leaves = [s.clone().requires_grad_(name in ("ce_num", "inter", "pred"))
+              for name, s in zip(RegionStats._fields, stats)]  # fmt: skip
+    expected = finish(RegionStats(*leaves), opts, spec)
+    wanted = [leaves[0], leaves[2], leaves[3]]
+    if expected.requires_grad:
+        grads = torch.autograd.grad(expected.sum(), wanted, allow_unused=True)
+    else:
+        grads = (None, None, None)
+    got = finish_grad(stats, opts, spec)
+    torch.testing.assert_close(got.loss, expected.detach(), rtol=1e-12, atol=1e-12)
+    for name, leaf, mine, theirs in zip(("ce_num", "inter", "pred"), wanted, got[1:], grads):
+        # None: no gradient (a term with weight 0), the same as zeros
+        mine_t = torch.zeros_like(leaf) if mine is None else torch.as_tensor(mine, dtype=leaf.dtype)
+        mine_t = mine_t.expand_as(leaf)
+        theirs_t = torch.zeros_like(leaf) if theirs is None else theirs
+        torch.testing.assert_close(mine_t, theirs_t, rtol=1e-12, atol=1e-12, msg=name)
