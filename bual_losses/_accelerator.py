@@ -341,7 +341,12 @@ def _label_grad(
         d = wg * -coef
     else:  # lambda_ce = lambda_dice = 0: a constant loss
         return torch.zeros_like(p)
-    return torch.ops.aten._log_softmax_backward_data(d, logp, 1, logp.dtype)
+    # written over log p, which nothing reads afterwards: every element of the result needs the
+    # log-probability at its own index and a per-voxel sum of ``d`` only (safe in place)
+    backward = torch.ops.aten._log_softmax_backward_data
+    if V.compiling():  # torch.compile traces the functional form
+        return backward(d, logp, 1, logp.dtype)
+    return backward.out(d, logp, 1, logp.dtype, out=logp)
 
 
 def _finish_and_grad(
@@ -439,6 +444,7 @@ class _AcceleratorLoss(torch.autograd.Function):
         (dz,) = ctx.saved_tensors
         if grad_loss.ndim:  # reduction="none": one loss per sample
             grad_loss = grad_loss.reshape(grad_loss.shape[0], 1, 1)
+        # not in place: backward may run again on the same graph (retain_graph=True)
         grad = (dz * grad_loss).to(ctx.dtype).reshape(ctx.shape)
         return grad, None, None, None, None, None, None, None, None
 
