@@ -34,12 +34,13 @@ the same thing on every engine. The options of one call are parsed once, here, i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union, cast
 
 import torch
 
 from . import _validation as V
 from .distributed import all_reduce_sum, check_sync_dist
+from .uncertainty import entropy_map
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -222,6 +223,15 @@ def parse_options(
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Reductions run in float32 for half-precision inputs, else in the input's dtype."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """The normalised entropy ``(B, *S)`` of detached logits, in the accumulation dtype: a
+    half-precision map would round the threshold's neighbours (a bfloat16 step is 1/256 for
+    ``u`` in [0.5, 1)) to either side, unlike the fused engines."""
+    z = logits.detach().to(accumulation_dtype(logits.dtype))
+    with torch.no_grad():
+        return cast(torch.Tensor, entropy_map(z, from_logits=True, normalize=True))
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,10 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from . import _validation as V
-from ._core import Finish, Options, RegionStats, accumulation_dtype, finish
+from ._core import (
+    Finish,
+    Options,
+    RegionStats,
+    accumulation_dtype,
+    finish,
+    normalized_entropy,
+)
 from .pseudo import pseudo_labels
 from .regions import UncertaintyWeight
-from .uncertainty import entropy_map
 
 
 def target_probs(
@@ -90,15 +96,6 @@ def reference_stats(
         pred=(w * p.pow(power)).sum(dim=spatial),
         ground=(w * g.pow(power)).sum(dim=spatial),
     )
-
-
-def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """The normalised entropy ``(B, *S)`` of detached logits, in the accumulation dtype: a
-    half-precision map would round the threshold's neighbours (a bfloat16 step is 1/256 for
-    ``u`` in [0.5, 1)) to either side, unlike the fused engines."""
-    z = logits.detach().to(accumulation_dtype(logits.dtype))
-    with torch.no_grad():
-        return cast(torch.Tensor, entropy_map(z, from_logits=True, normalize=True))
 
 
 def reference_loss(

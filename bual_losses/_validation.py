@@ -74,6 +74,18 @@ def require_finite_number(value: Any, name: str) -> float:
     return float(value)
 
 
+def require_dim(dim: Any, x: torch.Tensor, name: str) -> int:
+    """A valid dim of ``x`` (the tensor argument ``name``), as a non-negative index."""
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"`dim` must be an int, got {type(dim).__name__}.")
+    if not -x.ndim <= dim < x.ndim:
+        raise ValueError(
+            f"`dim` must be in [{-x.ndim}, {x.ndim - 1}] for `{name}` of shape "
+            f"{shape_str(x.shape)}, got {dim}."
+        )
+    return dim % x.ndim
+
+
 def require_positive_int(value: Any, name: str) -> int:
     # bool is an int subclass; `passes=True` is a bug, not 1.
     if isinstance(value, bool) or not isinstance(value, int):

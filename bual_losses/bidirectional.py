@@ -29,9 +29,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union, cast
 import torch
 
 from . import _validation as V
-from ._core import ClassWeight, Finish, Options, accumulation_dtype, parse_options
+from ._core import (
+    ClassWeight,
+    Finish,
+    Options,
+    accumulation_dtype,
+    normalized_entropy,
+    parse_options,
+)
 from ._core import check_options as check_loss_options
-from ._reference import normalized_entropy
 from .distributed import SyncDist, global_mean, resolve_group
 from .engines import region_loss
 from .regions import UncertaintyWeight, resolve_threshold

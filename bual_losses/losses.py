@@ -3,24 +3,10 @@ r"""Region-weighted cross-entropy + soft Dice: the public loss functions.
 Each function checks its arguments once (``bual_losses._core``), then
 [`bual_losses.engines`][] runs the engine that ``impl`` picks for the logits' device: the
 reference (plain eager ops), the CPU chunked engine ([`bual_losses.fused`][]) or the
-accelerator engine. Every engine returns the same
-[`RegionStats`][bual_losses.losses.RegionStats] (per-sample, per-class sums over the voxels)
-and finishes them with the same code, so every option means the same thing on every engine:
-
-$$
-\text{ce\_num}_b = \sum_v w_v \sum_c \omega_c\, g_{c,v}\,(-\log p_{c,v}),\qquad
-\text{ce\_den}_b = \sum_v w_v \sum_c \omega_c\, g_{c,v},
-$$
-
-$$
-I_{b,c} = \sum_v w_v\, p_{c,v}\, g_{c,v},\qquad
-P_{b,c} = \sum_v w_v\, p_{c,v}^k,\qquad
-G_{b,c} = \sum_v w_v\, g_{c,v}^k,
-$$
-
-with region weight $w$, class weight $\omega$, probabilities $p$ (softmax, or
-``[1-sigmoid, sigmoid]`` for binary logits), target probabilities $g$ and $k = 2$ when
-``squared_pred`` else 1; the loss is then a function of these few numbers.
+accelerator engine. Every engine computes the same
+[`RegionStats`][bual_losses.losses.RegionStats] (per-sample, per-class sums over the voxels,
+defined there) and finishes them with the same code, so every option means the same thing on
+every engine.
 """
 
 from __future__ import annotations

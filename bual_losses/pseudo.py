@@ -9,12 +9,10 @@ on other devices it is ``torch.argmax`` itself (one kernel).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ._arrays import ArrayLike, as_tensor, numpy_compatible
-from ._validation import compiling, require_floating, shape_str
+from ._validation import compiling, require_dim, require_floating, shape_str
 
 __all__ = ["pseudo_labels"]
 
@@ -23,17 +21,6 @@ __all__ = ["pseudo_labels"]
 # the strided argmax is as fast. Tests set both to 0 to run the fast path on tiny inputs.
 _FAST_MIN_VOXELS = 512
 _FAST_VOXELS_PER_CLASS = 32
-
-
-def _require_dim(dim: Any, x: torch.Tensor) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"`dim` must be an int, got {type(dim).__name__}.")
-    if not -x.ndim <= dim < x.ndim:
-        raise ValueError(
-            f"`dim` must be in [{-x.ndim}, {x.ndim - 1}] for `logits` of shape "
-            f"{shape_str(x.shape)}, got {dim}."
-        )
-    return dim % x.ndim
 
 
 @numpy_compatible("logits")
@@ -89,7 +76,7 @@ def pseudo_labels(logits: ArrayLike, *, dim: int = 1) -> ArrayLike:
         raise ValueError(
             "`logits` must have at least 1 dim (the classes along `dim`), got a 0-d tensor."
         )
-    dim = _require_dim(dim, x)
+    dim = require_dim(dim, x, "logits")
     num_classes = x.shape[dim]
     if num_classes < 1:
         raise ValueError(

@@ -32,6 +32,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from ._arrays import ArrayLike, as_tensor, numpy_compatible
 from ._validation import (
     compiling,
+    require_dim,
     require_floating,
     require_logits,
     require_nonnegative_number,
@@ -199,17 +200,6 @@ def _stream_entropy_from_logits(
     return out.view(*shape[:dim], *shape[dim + 1 :])
 
 
-def _require_dim(dim: Any, x: torch.Tensor) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"`dim` must be an int, got {type(dim).__name__}.")
-    if not -x.ndim <= dim < x.ndim:
-        raise ValueError(
-            f"`dim` must be in [{-x.ndim}, {x.ndim - 1}] for `x` of shape {shape_str(x.shape)}, "
-            f"got {dim}."
-        )
-    return dim % x.ndim
-
-
 @numpy_compatible("x")
 def entropy_map(
     x: ArrayLike,
@@ -281,7 +271,7 @@ def entropy_map(
             "`x` must have at least 2 dims, (B, C, *S) with the classes along `dim`, "
             f"got shape {shape_str(x.shape)}."
         )
-    dim = _require_dim(dim, x)
+    dim = require_dim(dim, x, "x")
     if x.shape[dim] < 1:
         raise ValueError(
             f"`x` must have at least one class along dim={dim}, got shape {shape_str(x.shape)}."
