@@ -393,7 +393,7 @@ def spawn_ranks(out_dir: Path) -> list[dict[str, Any]]:
             for process in context.processes:
                 process.terminate()
             pytest.fail(f"the {WORLD} spawned ranks did not finish in {SPAWN_TIMEOUT_S} s")
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")
@@ -411,7 +411,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
             result = spawn_ranks(shared)
             (shared / "done").touch()
             return result
-    return [torch.load(shared / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(shared / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")

@@ -269,7 +269,7 @@ def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == 2
     states = [torch.load(out / "runs" / "bual_seed0" / f"checkpoint_rank{r}.pt",
-                         weights_only=False) for r in (0, 1)]  # fmt: skip
+                         weights_only=True) for r in (0, 1)]  # fmt: skip
     assert states[0]["step"] == states[1]["step"] == 3
     for key in ("student", "teacher"):
         for name, a in states[0][key].items():

@@ -13,7 +13,6 @@ import json
 import multiprocessing as mp
 import os
 import queue as queue_module
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 from . import METHODS
 from .data import DataError, SlabSplit, SliceData, cases_data, mni_data, read_h5_dir, read_nifti_dir
 from .report import figures, write_report
+from .runfolder import RunFolderError, delete_run_folder, tagged
 from .train import TrainConfig, init_worker, run_one, worker_job
 
 #: Relative cost of one iteration (measured, 1 thread): longest jobs are scheduled first.
@@ -159,6 +159,28 @@ def _run_pool(
     return done
 
 
+def _train(
+    jobs: list[tuple[str, int]], total: int, data: SliceData, cfg: TrainConfig, out: Path,
+    workers: int, threads: int, rank: int,
+) -> dict[tuple[str, int], dict[str, Any]]:  # fmt: skip
+    """Train (or resume, or skip) every job: in this process or in a pool of workers."""
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    with tqdm(total=total, desc="all runs", unit="it", disable=rank != 0, dynamic_ncols=True,
+              smoothing=0.05) as bar:  # fmt: skip
+        if not jobs:
+            pass
+        elif workers == 1:
+            for method, seed in jobs:
+                bar.set_description(f"{method} seed {seed}")
+                r = run_one(method, seed, data, cfg, out / "runs" / f"{method}_seed{seed}",
+                            bar.update)  # fmt: skip
+                if r is not None:
+                    done[(method, seed)] = r
+        else:
+            done = _run_pool(jobs, data, cfg, out, workers, threads, bar)
+    return done
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     budget = BUDGETS["full" if args.full else "demo"]
@@ -183,8 +205,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                               "methods": args.methods, "data": data.summary(),
                               "world_size": world}  # fmt: skip
     if rank == 0:
+        if args.fresh and args.report_only:
+            print("error: --report-only never deletes; drop --fresh.", file=sys.stderr)
+            return 2
         if args.fresh and out.exists():
-            shutil.rmtree(out)
+            try:
+                delete_run_folder(out)
+            except RunFolderError as err:
+                print(f"error: --fresh refuses: {err}", file=sys.stderr)
+                return 2
         out.mkdir(parents=True, exist_ok=True)
         saved = out / "config.json"
         if saved.is_file():
@@ -196,7 +225,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"error: {out} holds runs with another configuration; use --fresh or "
                       "another --out.", file=sys.stderr)  # fmt: skip
                 return 2
-        saved.write_text(json.dumps(config, indent=1))
+        tmp = saved.with_suffix(".tmp")  # never a half-written config.json
+        tmp.write_text(json.dumps(tagged(config), indent=1))
+        os.replace(tmp, saved)
     if world > 1:
         dist.barrier()
 
@@ -220,19 +251,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         say(f"Finished seeds for every method: {seeds}")
         if not seeds:
             return 1
-    with tqdm(total=total, desc="all runs", unit="it", disable=rank != 0, dynamic_ncols=True,
-              smoothing=0.05) as bar:  # fmt: skip
-        if not jobs:
-            pass
-        elif workers == 1:
-            for method, seed in jobs:
-                bar.set_description(f"{method} seed {seed}")
-                r = run_one(method, seed, data, cfg, out / "runs" / f"{method}_seed{seed}",
-                            bar.update)  # fmt: skip
-                if r is not None:
-                    done[(method, seed)] = r
-        else:
-            done = _run_pool(jobs, data, cfg, out, workers, args.threads, bar)
+    try:
+        done.update(_train(jobs, total, data, cfg, out, workers, args.threads, rank))
+    except RunFolderError as err:  # a checkpoint that does not load safely: stop cleanly
+        print(f"\nerror: {err}", file=sys.stderr)
+        return 2
     dirs = {m: out / "runs" / f"{m}_seed{seeds[0]}" for m in args.methods}
     results = {m: [done[(m, s)] for s in seeds] for m in args.methods} if rank == 0 else {}
     if rank == 0:
@@ -259,7 +282,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(
                 "\nDiagnostics: does each final teacher's uncertainty find its pseudo-label errors?"
             )
-            diagnose(out, data, passes=args.mc_passes)
+            try:
+                diagnose(out, data, passes=args.mc_passes)
+            except RunFolderError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -45,6 +45,7 @@ from .__main__ import build_parser, load_data
 from .data import DataError, SliceData
 from .model import UNet2D
 from .report import LABELS
+from .runfolder import RunFolderError, load_checkpoint
 from .train import TrainConfig
 
 ESTIMATORS = ("entropy", "mc_dropout")
@@ -72,7 +73,7 @@ SCALARS = (
 
 def load_teacher(folder: Path, method: str, data: SliceData, cfg: TrainConfig) -> nn.Module:
     """The final teacher of one run: the EMA weights where the run has them, else the model."""
-    state = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=False)
+    state = load_checkpoint(folder / "checkpoint.pt", map_location="cpu")
     if state["step"] != cfg.iterations:
         raise RuntimeError(f"{folder}: checkpoint at step {state['step']}, not {cfg.iterations}.")
     model = UNet2D(1, data.num_classes, cfg.base, cfg.levels)
@@ -303,7 +304,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         data = load_data(data_args)
         diagnose(args.run_dir, data, passes=args.mc_passes)
-    except (DataError, FileNotFoundError) as err:
+    except (DataError, FileNotFoundError, RunFolderError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"Finished in {time.perf_counter() - start:.0f} s.")

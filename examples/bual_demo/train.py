@@ -32,6 +32,7 @@ from bual_losses.pseudo import pseudo_labels
 from .data import SliceData, augment
 from .metrics import evaluate
 from .model import UNet2D, ema_update, make_teacher
+from .runfolder import load_checkpoint
 
 SEMI = ("mean_teacher", "uamt", "bual")
 
@@ -150,7 +151,7 @@ class Run:
     def load(self) -> bool:
         if not self.checkpoint_path.is_file():
             return False
-        state = torch.load(self.checkpoint_path, weights_only=False)
+        state = load_checkpoint(self.checkpoint_path)
         self.student.load_state_dict(state["student"])
         if self.teacher is not None:
             self.teacher.load_state_dict(state["teacher"])
