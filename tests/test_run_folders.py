@@ -13,7 +13,12 @@ import torch
 
 from examples.bual_demo.__main__ import main
 from examples.bual_demo.diagnose import main as diagnose_main
-from examples.bual_demo.runfolder import FORMAT, RunFolderError, check_deletable
+from examples.bual_demo.runfolder import (
+    FORMAT,
+    RunFolderError,
+    check_deletable,
+    load_checkpoint,
+)
 from tests.test_examples import ROOT, TINY
 
 RUN = [*TINY, "--methods", "supervised", "--seeds", "1", "--iterations", "2", "--workers", "1"]
@@ -128,3 +133,14 @@ def test_no_checkpoint_is_loaded_with_weights_only_false_anywhere() -> None:
     needle = "weights_only" + "=False"  # spelled apart: this file holds no such call either
     offenders = [name for name in tracked if needle in (ROOT / name).read_text()]
     assert tracked and not offenders, offenders
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"PK\x03\x04truncated"])
+def test_unreadable_checkpoints_name_the_file_and_the_way_out(
+    tmp_path: Path, content: bytes
+) -> None:
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(content)
+    with pytest.raises(RunFolderError, match="afresh") as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value) and "weights_only" not in str(info.value)

@@ -100,16 +100,27 @@ def delete_run_folder(out: Path) -> None:
     shutil.rmtree(out)
 
 
+def _reason(err: BaseException) -> str:
+    """Why a checkpoint did not load, in a few words (torch's message suggests loading it
+    unsafely, which is the one thing not to do with a file of unknown origin)."""
+    text = str(err)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it pickles {found.group(1)}, which is not plain data and could run code"
+    if "WeightsUnpickler error" in text or "Weights only load failed" in text:
+        return "it is not a torch checkpoint of plain data (corrupt, truncated or foreign)"
+    first = re.sub(r"\x1b\[[0-9;]*m", "", text).strip().splitlines()
+    return first[0][:200] if first else type(err).__name__
+
+
 def load_checkpoint(path: Path, map_location: Any = None) -> dict[str, Any]:
     """A checkpoint the trainer wrote, read without unpickling arbitrary objects."""
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RunFolderError(
             f"{path} does not load as a plain checkpoint (tensors, numbers, strings, lists, "
-            f"dicts): {reason[:200]}. Delete it (or rerun with --fresh) to start that run "
-            "afresh."
+            f"dicts): {_reason(err)}. Delete it (or rerun with --fresh) to start that run afresh."
         ) from None
     if not isinstance(state, dict):
         raise RunFolderError(f"{path} is not a checkpoint of this trainer (not a dict).")
