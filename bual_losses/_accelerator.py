@@ -11,16 +11,18 @@ R = \begin{bmatrix} w\,g \\ w \end{bmatrix},\qquad
 M = L\,R^\top \quad (\text{per sample: } (K + 2) \times (K + 1)),
 $$
 
-where $\ell_v = -\log p_{y_v, v}$ is the cross-entropy of each voxel (one row per class for
-probability targets), every statistic is an entry of $M$: $I_c = M_{c,c}$,
-$P_c = M_{c, K}$, $G_c = M_{\mathbf 1, c}$, the CE numerator $M_{\ell, K}$ (or
-$\sum_c \omega_c M_{\ell, c}$ with class weights) and its normaliser $M_{\mathbf 1, K}$
-(with ``squared_pred``: rows $p^2$, and columns $w\,g^2$ for probability targets).
+where $\ell_v = \log p_{y_v, v}$ is the log-probability of each voxel's label (one row per
+class for probability targets, zero where the target has no mass), every statistic is an entry
+of $M$: $I_c = M_{c,c}$, $P_c = M_{c, K}$, $G_c = M_{\mathbf 1, c}$, the CE numerator
+$-M_{\ell, K}$ (or $-\sum_c \omega_c M_{\ell, c}$ with class weights) and its normaliser
+$M_{\mathbf 1, K}$ (with ``squared_pred``: rows $p^2$, and columns $w\,g^2$ for probability
+targets).
 
-The loss is finished from these views by the shared code of ``bual_losses._core``, and its
-gradient with respect to $M$ gives the gradient of the logits in closed form: the rows of
-$\partial M$ times $R$ are $\partial L/\partial p$ and $\partial L/\partial \ell$, and the
-softmax chain rule gives
+The loss is finished from these views by the shared code of ``bual_losses._core``
+(``finish_grad``: the value and, in closed form, the gradients of the statistics), and the
+gradient with respect to $M$ gives the gradient of the logits: the rows of $\partial M$ times
+$R$ are $\partial L/\partial p$ and $\partial L/\partial \ell$, and the softmax chain rule
+gives
 
 $$
 \frac{\partial L}{\partial z} = p \odot \Big(\frac{\partial L}{\partial p}
@@ -34,8 +36,10 @@ product with the incoming gradient. The per-sample uncertainty weight of
 same probabilities (or from the teacher's, with its ``argmax`` as the pseudo-label).
 
 No host synchronisation, no data-dependent Python branch, and it runs on any device: the test
-suite runs it on CPU tensors through [`use_engine`][bual_losses.engines.use_engine]. Peak
-extra memory is up to about 3x the logits (the CPU engine stays near 1.3x). One difference
+suite runs it on CPU tensors through [`use_engine`][bual_losses.engines.use_engine]. The price
+of few kernels is memory: at the peak the log-probabilities, both factors and the gradient's
+product are alive, about 4.75x the logits (4.5x for two classes; measured with the profiler on
+CPU tensors), where the CPU engine stays near 1.3x. One difference
 from the reference, documented: a ``-inf`` logit at a voxel's target class makes the loss NaN
 even where the region weight is 0 (the reference drops such a voxel); validation then reports
 it (``-inf`` at a target class is rejected with validation on, on every engine).
@@ -214,7 +218,7 @@ def _run(
     )
     logp = _log_probs(z if z.dtype == dt else z.to(dt), binary)
 
-    # left factor L (B, rows, N): p, -log p of the target, [p^2], 1
+    # left factor L (B, rows, N): p, log p of the target, [p^2], 1
     left = logp.new_empty(bsz, lay.rows, n)
     p = write_into(left[:, :k], torch.exp, logp)
     ce = left[:, k : k + lay.ce_rows]

@@ -11,7 +11,7 @@ through one private function here, which picks an engine by ``impl`` and the log
   node walking the voxels in cache-sized chunks; peak memory near 1.3x the logits;
 * ``"accelerator"`` (``impl="fused"`` / ``"auto"`` on CUDA, XPU, MPS, ``meta``): one
   closed-form autograd node over the whole tensor, shaped for kernel launches (a few dozen
-  per loss, forward and backward); peak memory up to about 3x the logits.
+  per loss, forward and backward); peak memory about 4.75x the logits (4.5x for two classes).
 
 All three compute the same statistics and finish them with the same code, so every option
 means the same thing on every engine (the test suite checks values and gradients of each
