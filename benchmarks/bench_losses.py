@@ -108,7 +108,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -120,6 +119,8 @@ from typing import Any, Callable, NamedTuple, Optional
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
+
+from benchmarks.provenance import git_commit  # noqa: E402  (after the path above)
 
 VARIANTS = ("monai", "reference", "reference+compile", "fused", "floor")
 BIDIRECTIONAL_VARIANTS = ("plain", "bidirectional", "bidirectional-reference")
@@ -686,20 +687,7 @@ def _ratio(a: Optional[dict[str, Any]], b: Optional[dict[str, Any]]) -> Optional
 
 
 def _git() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except Exception:
-        return "unknown (not a git checkout)"
-    return f"{head} (with uncommitted changes)" if dirty else head
+    return git_commit()
 
 
 def _cpu_model() -> str:

@@ -77,7 +77,6 @@ import contextlib
 import datetime
 import math
 import re
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -93,6 +92,8 @@ from torch.utils._pytree import tree_leaves
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
+
+from benchmarks.provenance import git_commit  # noqa: E402  (after the path above)
 
 KERNEL, ALLOCATION, VIEW, SYNC = "kernel", "allocation", "view", "sync"
 
@@ -687,24 +688,7 @@ def _versions() -> str:
         monai_version = monai_pkg.__version__
     except ImportError:
         monai_version = "not installed"
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "bual_losses"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        commit += " (bual_losses/ modified)" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = git_commit("bual_losses", length=7)
     return f"torch {torch.__version__}, MONAI {monai_version}, bual_losses at commit {commit}"
 
 
