@@ -52,6 +52,7 @@ from bual_losses.distributed import (
     global_mean,
     resolve_group,
 )
+from bual_losses.engines import use_engine
 
 pytestmark = pytest.mark.distributed
 
@@ -261,8 +262,26 @@ def _bidirectional_labeled_only(x: Inputs, sync: Any) -> Outputs:
     return _parts(loss, parts)
 
 
+def _on_the_accelerator_engine(case: Case) -> Case:
+    """The same case on the accelerator engine (CPU tensors): its ``sync_dist`` path takes the
+    finishing's gradient through the differentiable all-reduce inside its forward."""
+
+    def fn(x: Inputs, sync: Any) -> Outputs:
+        with use_engine("accelerator"):
+            return case.fn(x, sync)
+
+    return Case(fn, case.grad_factor)
+
+
 CASES: dict[str, Case] = {
     "ce_dice_fused_batch": _ce_dice("fused", True),
+    "ce_dice_accelerator_batch": _on_the_accelerator_engine(_ce_dice("fused", True)),
+    "ce_dice_accelerator_per_sample": _on_the_accelerator_engine(_ce_dice("fused", False)),
+    "ce_dice_options_sum_accelerator": _on_the_accelerator_engine(Case(_ce_dice_options)),
+    "bidirectional_defaults_accelerator": _on_the_accelerator_engine(
+        _bidirectional_defaults("fused")
+    ),
+    "bidirectional_ratio_accelerator": _on_the_accelerator_engine(_bidirectional_ratio("fused")),
     "ce_dice_fused_per_sample": _ce_dice("fused", False),
     "ce_dice_reference_batch": _ce_dice("reference", True),
     "ce_dice_reference_per_sample": _ce_dice("reference", False),
