@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from bual_losses import bidirectional_loss, region_ce_dice_loss
+from bual_losses import RatioSchedule, bidirectional_loss, region_ce_dice_loss, region_dice_loss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -70,14 +70,32 @@ def test_fused_on_cuda_matches_cpu_reference_without_sync(
     torch.testing.assert_close(z.grad.double().cpu(), ref_logits.grad, **tol)
 
 
-@pytest.mark.parametrize("temperature", [None, 0.1])
-def test_bidirectional_on_cuda_matches_cpu_without_sync(temperature: Any) -> None:
+BIDIRECTIONAL_OPTIONS: list[dict[str, Any]] = [
+    {"temperature": None},
+    {"temperature": 0.1},
+    {
+        "alpha": 2.0,
+        "beta": 0.2,
+        "ignore_index": 255,
+        "class_weight": torch.tensor([1.0, 2, 0.5, 1]),
+    },
+    {"high_threshold": RatioSchedule(0.2), "low_threshold": RatioSchedule(0.3, per_sample=False)},
+    {"squared_pred": True, "batch": True, "include_background": False},
+]
+
+
+@pytest.mark.parametrize("options", BIDIRECTIONAL_OPTIONS)
+def test_bidirectional_on_cuda_matches_cpu_without_sync(options: dict[str, Any]) -> None:
     gen = torch.Generator().manual_seed(1)
     zl = torch.randn(2, 4, 32, 32, generator=gen)
     y = torch.randint(0, 4, (2, 32, 32), generator=gen)
+    if "ignore_index" in options:
+        y[:, 0] = 255
     zu = torch.randn(3, 4, 32, 32, generator=gen)
     zt = torch.randn(3, 4, 32, 32, generator=gen)
-    kwargs: dict[str, Any] = dict(step=150, total_steps=300, temperature=temperature)
+    kwargs: dict[str, Any] = dict(step=150, total_steps=300, **options)
+    # tensors given as options travel to the device before the no-sync block (a host copy)
+    cuda_kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     cpu = [t.clone().requires_grad_() for t in (zl, zu)]
     ref = bidirectional_loss(cpu[0], y, cpu[1], zt, impl="reference", **kwargs)
     ref.backward()
@@ -85,7 +103,7 @@ def test_bidirectional_on_cuda_matches_cpu_without_sync(temperature: Any) -> Non
     y_cuda, zt_cuda = y.cuda(), zt.cuda()
     with no_host_sync():
         loss, parts = bidirectional_loss(
-            cuda[0], y_cuda, cuda[1], zt_cuda, impl="fused", return_parts=True, **kwargs
+            cuda[0], y_cuda, cuda[1], zt_cuda, impl="fused", return_parts=True, **cuda_kwargs
         )
         loss.backward()
     torch.testing.assert_close(loss.cpu(), ref.detach(), rtol=1e-4, atol=1e-5)
@@ -93,3 +111,23 @@ def test_bidirectional_on_cuda_matches_cpu_without_sync(temperature: Any) -> Non
         assert got.grad is not None and want.grad is not None
         torch.testing.assert_close(got.grad.cpu(), want.grad, rtol=1e-4, atol=1e-5)
     assert all(isinstance(t, torch.Tensor) and t.is_cuda for t in parts)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_per_class_dice_terms_on_cuda_match_cpu(reduction: str) -> None:
+    """region_dice_loss(reduction="none") returns per-class terms: the accelerator engine takes
+    their gradient in backward (the only case it does not precompute)."""
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 4, 16, 16, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 4, (3, 16, 16), generator=gen)
+    cotangent = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    ref_z = logits.clone().requires_grad_()
+    ref = region_dice_loss(ref_z, labels, impl="reference", reduction=reduction)
+    (ref * (cotangent if reduction == "none" else 1.0)).sum().backward()
+    z = logits.cuda().requires_grad_()
+    with no_host_sync():
+        out = region_dice_loss(z, labels.cuda(), reduction=reduction)
+        (out * (cotangent.cuda() if reduction == "none" else 1.0)).sum().backward()
+    torch.testing.assert_close(out.cpu(), ref.detach())
+    assert z.grad is not None
+    torch.testing.assert_close(z.grad.cpu(), ref_z.grad)
