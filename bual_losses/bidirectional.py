@@ -433,8 +433,14 @@ def bidirectional_loss(
         consistency_weight=consistency_weight,
         **loss_opts,
     )
-    if isinstance(step, bool) or not isinstance(step, (Real, torch.Tensor)):
+    if isinstance(step, bool) or not isinstance(step, (Real, torch.Tensor, torch.SymInt)):
         raise TypeError(f"`step` must be a number or a tensor, got {type(step).__name__}.")
+    if V.compiling() and not isinstance(step, torch.Tensor):
+        # torch.compile makes a Python step that changes between calls a symbolic int; the
+        # schedules' float arithmetic on it cannot be guarded, so they run on a tensor instead
+        device = student_labeled_logits.device
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # as exact as a float
+        step = torch.scalar_tensor(step, dtype=dtype, device=device)
     group = resolve_group(sync_dist)
     V.require_logits(student_labeled_logits, "student_labeled_logits")
     _check_logits_pair(student_unlabeled_logits, teacher_unlabeled_logits, student_labeled_logits)

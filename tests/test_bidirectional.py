@@ -25,6 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bual_losses import (
+    BidirectionalLoss,
     BidirectionalParts,
     RatioSchedule,
     bidirectional_loss,
@@ -1150,6 +1151,37 @@ def test_compiled_matches_eager() -> None:
             torch.autograd.grad(got, compiled_in), torch.autograd.grad(eager, eager_in)
         ):
             torch.testing.assert_close(a, b, **TIGHT)
+
+
+def test_compiled_training_steps_with_a_python_int_step() -> None:
+    """A training loop passes the step as a Python int (as the README shows): the compiled
+    step must keep working (it broke by the third step: the schedules' float arithmetic on a
+    symbolic step), recompile once at most (the second step makes it dynamic) and equal eager."""
+    torch._dynamo.reset()
+    zl, y, zu, zt = make_batch(seed=28)
+    graphs: list[int] = []
+
+    def counting(gm: torch.fx.GraphModule, _inputs: Any) -> Any:
+        graphs.append(1)
+        return gm.forward
+
+    def loss_fn(a: torch.Tensor, b: torch.Tensor, *, step: int) -> torch.Tensor:
+        return bidirectional_loss(a, y, b, zt, step=step, total_steps=10)  # type: ignore[return-value]
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=counting)
+    module = torch.compile(BidirectionalLoss(total_steps=10), fullgraph=True, backend="aot_eager")
+    for step in range(12):  # past total_steps too
+        eager_in = (zl.clone().requires_grad_(), zu.clone().requires_grad_())
+        compiled_in = (zl.clone().requires_grad_(), zu.clone().requires_grad_())
+        eager = loss_fn(*eager_in, step=step)
+        got = compiled(*compiled_in, step=step)
+        torch.testing.assert_close(got, eager, **TIGHT)
+        torch.testing.assert_close(module(zl, y, zu, zt, step=step), eager.detach(), **TIGHT)
+        for a, b in zip(
+            torch.autograd.grad(got, compiled_in), torch.autograd.grad(eager, eager_in)
+        ):
+            torch.testing.assert_close(a, b, **TIGHT)
+    assert len(graphs) <= 2, f"{len(graphs)} compilations for 12 steps"
 
 
 # --------------------------------------------------------------------------------------------
