@@ -58,6 +58,10 @@ def require_choice(value: Any, name: str, choices: Sequence[Any]) -> None:
 def require_nonnegative_number(value: Any, name: str, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"`{name}` must be a number, got {type(value).__name__}.")
+    if compiling():
+        # torch.compile(dynamic=True) traces numbers as symbols: their range cannot be read
+        # without specialising on them (eager calls check it)
+        return value
     bad = (value <= 0) if positive else (value < 0)
     if bad or not math.isfinite(value):
         kind = "a finite number > 0" if positive else "a finite number >= 0"
@@ -69,6 +73,8 @@ def require_finite_number(value: Any, name: str) -> float:
     """A finite real number of either sign (schedule end points may be negative)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"`{name}` must be a number, got {type(value).__name__}.")
+    if compiling():  # a symbol under dynamic shapes (see require_nonnegative_number)
+        return value
     if not math.isfinite(value):
         raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
     return float(value)

@@ -7,9 +7,10 @@ through one private function here, which picks an engine by ``impl`` and the log
 
 * ``"reference"`` (``impl="reference"``): plain eager ops, the oracle the others are tested
   against;
-* ``"chunked"`` (``impl="fused"`` / ``"auto"`` on CPU): [`bual_losses.fused`][], one autograd
-  node walking the voxels in cache-sized chunks; peak memory near 1.3x the logits;
-* ``"accelerator"`` (``impl="fused"`` / ``"auto"`` on CUDA, XPU, MPS, ``meta``): one
+* ``"chunked"`` (``impl="fused"`` / ``"auto"`` on CPU, eager): [`bual_losses.fused`][], one
+  autograd node walking the voxels in cache-sized chunks; peak memory near 1.3x the logits;
+* ``"accelerator"`` (``impl="fused"`` / ``"auto"`` on CUDA, XPU, MPS, ``meta``, and on every
+  device under ``torch.compile``, whose graphs then stay dynamic in the batch size): one
   closed-form autograd node over the whole tensor, shaped for kernel launches (a few dozen
   per loss, forward and backward); peak memory about 4.75x the logits (4.5x for two classes).
 
@@ -63,6 +64,10 @@ def select_engine(impl: str, device: torch.device) -> str:
         return "reference"
     if _forced is not None:
         return _forced
+    if V.compiling():
+        # under torch.compile the compiler fuses the whole-tensor engine itself, and the
+        # chunked engine's Python loop would specialise the graph on the batch size
+        return "accelerator"
     return "chunked" if device.type == "cpu" else "accelerator"
 
 

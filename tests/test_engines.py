@@ -239,3 +239,55 @@ def test_finish_grad_equals_autograd_through_finish(
         mine_t = mine_t.expand_as(leaf)
         theirs_t = torch.zeros_like(leaf) if theirs is None else theirs
         torch.testing.assert_close(mine_t, theirs_t, rtol=1e-12, atol=1e-12, msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. torch.compile: dynamic shapes and batch sizes
+
+
+def _batch(b: int, seed: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    zl, zu, zt = (torch.randn(b, 3, 6, 7, generator=gen, dtype=torch.float64) for _ in range(3))
+    return zl, torch.randint(0, 3, (b, 6, 7), generator=gen), zu, zt
+
+
+def _bidirectional_step(zl: Any, y: Any, zu: Any, zt: Any, step: int) -> torch.Tensor:
+    return bidirectional_loss(zl, y, zu, zt, step=step, total_steps=10)  # type: ignore[return-value]
+
+
+def _check_compiled(compiled: Any, b: int, step: int) -> None:
+    zl, y, zu, zt = _batch(b, seed=b)
+    got_in = [zl.clone().requires_grad_(), zu.clone().requires_grad_()]
+    want_in = [zl.clone().requires_grad_(), zu.clone().requires_grad_()]
+    got = compiled(got_in[0], y, got_in[1], zt, step)
+    want = _bidirectional_step(want_in[0], y, want_in[1], zt, step)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for a, w in zip(torch.autograd.grad(got, got_in), torch.autograd.grad(want, want_in)):
+        torch.testing.assert_close(a, w, rtol=1e-9, atol=1e-12)
+
+
+def test_compile_with_dynamic_shapes_traces_and_equals_eager() -> None:
+    """dynamic=True makes the numbers symbolic too: the option checks must not read them."""
+    torch._dynamo.reset()
+    compiled = torch.compile(_bidirectional_step, fullgraph=True, dynamic=True, backend="aot_eager")
+    region = torch.compile(region_ce_dice_loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    for b in (2, 3, 5):
+        _check_compiled(compiled, b, step=b)
+        z, y = _batch(b, seed=b)[:2]
+        torch.testing.assert_close(region(z, y), region_ce_dice_loss(z, y), rtol=1e-10, atol=0)
+
+
+def test_compile_keeps_one_graph_for_every_batch_size() -> None:
+    """The last batch of an epoch is smaller: new batch sizes (and steps) must not recompile
+    beyond the first dynamic graph (the ninth distinct size used to be a hard failure)."""
+    torch._dynamo.reset()
+    graphs: list[int] = []
+
+    def counting(gm: torch.fx.GraphModule, _inputs: Any) -> Any:
+        graphs.append(1)
+        return gm.forward
+
+    compiled = torch.compile(_bidirectional_step, fullgraph=True, backend=counting)
+    for i, b in enumerate(range(1, 12)):
+        _check_compiled(compiled, b, step=i)
+    assert len(graphs) <= 2, f"{len(graphs)} graphs for 11 batch sizes"
