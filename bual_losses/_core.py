@@ -445,13 +445,14 @@ def write_into(view: torch.Tensor, op: Any, *args: Any) -> torch.Tensor:
 
 def refuse_higher_order() -> None:
     """Called first in the fused engines' backward: their closed-form gradients are not
-    differentiable themselves, so ``create_graph=True`` (a second derivative, ``torch.func``)
-    gets a clear error instead of a wrong or cryptic one."""
+    differentiable themselves, so ``create_graph=True`` (a second derivative) gets a clear
+    error instead of a wrong or cryptic one. (``torch.func`` transforms never reach here:
+    ``bual_losses.engines`` runs the reference engine inside them.)"""
     if torch.is_grad_enabled():
         raise RuntimeError(
             "The fused engines (impl='fused' / 'auto') compute first derivatives only; "
-            "backward(create_graph=True), double backward and torch.func transforms need "
-            "impl='reference'."
+            "backward(create_graph=True) and double backward need impl='reference' "
+            "(torch.func transforms select it by themselves)."
         )
 
 

@@ -8,7 +8,8 @@ Two kinds of checks live here:
   switched off with ``validate=False``. On CPU they raise ``ValueError`` directly. On an
   accelerator they are queued with ``torch._assert_async`` so the hot path never synchronises
   with the host; a failure then surfaces as a device-side error at the next synchronisation.
-  Under ``torch.compile`` value checks are skipped (they would break the graph).
+  Under ``torch.compile`` and inside ``torch.func`` transforms value checks are skipped (they
+  would break the graph / cannot branch on batched values).
 
 Every message names the argument, what was expected and what arrived.
 """
@@ -285,9 +286,11 @@ def compiling() -> bool:
 def check_values(condition: torch.Tensor, message: str) -> None:
     """Raise ``ValueError(message)`` unless ``condition`` (a 0-d bool tensor) holds.
 
-    CPU: checked at once. Accelerators: queued asynchronously, no host synchronisation.
+    CPU: checked at once. Accelerators: queued asynchronously, no host synchronisation. Under
+    torch.compile and inside torch.func transforms (vmap cannot branch on a batched value) the
+    check is skipped, as the module docs say.
     """
-    if compiling():
+    if compiling() or torch._C._are_functorch_transforms_active():
         return
     if condition.device.type == "cpu":
         if not bool(condition):

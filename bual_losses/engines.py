@@ -60,7 +60,9 @@ def select_engine(impl: str, device: torch.device) -> str:
         >>> select_engine("reference", torch.device("cpu"))
         'reference'
     """
-    if impl == "reference":
+    if impl == "reference" or torch._C._are_functorch_transforms_active():
+        # torch.func transforms (grad, vmap, jacrev, ...) differentiate through plain ops only:
+        # the fused engines' nodes compute their gradients in closed form
         return "reference"
     if _forced is not None:
         return _forced

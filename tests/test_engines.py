@@ -291,3 +291,22 @@ def test_compile_keeps_one_graph_for_every_batch_size() -> None:
     for i, b in enumerate(range(1, 12)):
         _check_compiled(compiled, b, step=i)
     assert len(graphs) <= 2, f"{len(graphs)} graphs for 11 batch sizes"
+
+
+# --------------------------------------------------------------------------------------------
+# 5. torch.func: the default path runs the reference engine inside the transforms
+
+
+def test_torch_func_grad_and_vmap_of_the_default_path() -> None:
+    z, y, zu, zt = _batch(3, seed=9)
+    grad = torch.func.grad(lambda a: region_ce_dice_loss(a, y))(z)
+    leaf = z.clone().requires_grad_()
+    region_ce_dice_loss(leaf, y, impl="reference").backward()
+    torch.testing.assert_close(grad, leaf.grad, rtol=1e-12, atol=1e-14)
+    per_sample = torch.func.vmap(lambda a, t: region_ce_dice_loss(a[None], t[None]))(z, y)
+    expected = torch.stack([region_ce_dice_loss(z[i : i + 1], y[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(per_sample, expected, rtol=1e-12, atol=0)
+    grad = torch.func.grad(lambda a: _bidirectional_step(a, y, zu, zt, step=4))(z)
+    leaf = z.clone().requires_grad_()
+    bidirectional_loss(leaf, y, zu, zt, step=4, total_steps=10, impl="reference").backward()
+    torch.testing.assert_close(grad, leaf.grad, rtol=1e-12, atol=1e-14)
