@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union, cast
+from typing import Any, NamedTuple, Optional, Union, cast
 
 import torch
 
@@ -49,9 +49,6 @@ from .schedules import (
     rampup_schedule,
     uamt_threshold_schedule,
 )
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["BidirectionalParts", "bidirectional_loss", "check_bidirectional_options"]
 
@@ -245,6 +242,10 @@ class _Region(NamedTuple):
     scale: float
     temperature: Optional[float]
 
+    def weight(self, threshold: Union[float, torch.Tensor]) -> UncertaintyWeight:
+        """The region's weight once its threshold is resolved to a number or a tensor."""
+        return UncertaintyWeight(threshold, self.side, self.base, self.scale, self.temperature)
+
 
 def _branch(
     logits: torch.Tensor,
@@ -280,7 +281,7 @@ def _branch(
             probe = logits.new_empty((), dtype=dtype).expand(b, *spatial)
             resolved = resolve_threshold(probe, region.threshold, step=step)
             thr = _flat_threshold(cast(torch.Tensor, resolved))
-        derived = UncertaintyWeight(thr, region.side, region.base, region.scale, region.temperature)
+        derived = region.weight(thr)
         loss, mass = region_loss(
             logits, target, None, opts, spec,
             impl=impl, validate=validate, derived=derived, teacher=teacher,
@@ -290,9 +291,7 @@ def _branch(
     thr_full = cast(
         torch.Tensor, resolve_threshold(u, region.threshold, step=step, sync_dist=group)
     )
-    weight_of = UncertaintyWeight(
-        thr_full, region.side, region.base, region.scale, region.temperature
-    )
+    weight_of = region.weight(thr_full)
     s = weight_of.indicator(u, thr_full)
     weight = weight_of.base + weight_of.scale * s
     loss, _ = region_loss(
