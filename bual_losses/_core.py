@@ -109,6 +109,10 @@ class Options(NamedTuple):
     smooth_dr: float
     batch: bool
     eps: float
+    # whether the label range was checked up front; if not (validate=False, or integer labels
+    # on an accelerator) an engine that would read an out-of-range label as "no class" checks
+    # it where it reads the labels
+    labels_checked: bool = False
 
 
 class Finish(NamedTuple):
@@ -189,6 +193,7 @@ def parse_options(
     activation = V.resolve_activation(num_classes, softmax, sigmoid)
     cw = None if class_weight is None else V.require_class_weight(class_weight, num_classes, logits)
     ignore = V.require_ignore_index(ignore_index, kind)
+    labels_checked = False
     if validate:
         # Finiteness of the logits is checked on the result (see check_result): NaN or +Inf
         # logits always make it non-finite, at O(B*C) instead of a pass over the logits. On
@@ -202,6 +207,7 @@ def parse_options(
             labels = V.labels_view(target, logits)
             if cpu or labels.is_floating_point():
                 V.check_labels(labels, num_classes, ignore)
+                labels_checked = True
         else:
             V.check_probabilities(target)
         if region_weight is not None and cpu:
@@ -217,6 +223,7 @@ def parse_options(
         smooth_dr=float(smooth_dr),
         batch=bool(batch),
         eps=float(eps),
+        labels_checked=labels_checked,
     )
 
 

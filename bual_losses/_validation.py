@@ -17,8 +17,9 @@ Every message names the argument, what was expected and what arrived.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any, Literal, Optional
+from collections.abc import Mapping, Sequence
+from numbers import Integral, Real
+from typing import Any, Literal, Optional, Union
 
 import torch
 
@@ -56,9 +57,36 @@ def require_choice(value: Any, name: str, choices: Sequence[Any]) -> None:
         raise ValueError(f"`{name}` must be one of {tuple(choices)}, got {value!r}.")
 
 
+def real_number(value: Any, name: str) -> Union[int, float]:
+    """``value`` as a Python number: ints and floats as they are, numpy scalars and 0-d real
+    CPU tensors converted (an int stays an int).
+
+    A 0-d tensor on an accelerator is refused rather than read: ``.item()`` would stall the
+    device every call. Under ``torch.compile`` a number may be a symbol: it is returned as is.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 0 or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(
+                f"`{name}` must be a number or a 0-d real tensor, got a tensor of shape "
+                f"{shape_str(value.shape)} and dtype {value.dtype}."
+            )
+        if value.device.type != "cpu":
+            raise TypeError(
+                f"`{name}` must be a Python number or a CPU 0-d tensor, got a tensor on "
+                f"{value.device}: reading it would synchronise with the device at every call."
+            )
+        return value.item()
+    if isinstance(value, Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"`{name}` must be a number, got {type(value).__name__}.")
+
+
 def require_nonnegative_number(value: Any, name: str, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a number, got {type(value).__name__}.")
+    value = real_number(value, name)
     if compiling():
         # torch.compile(dynamic=True) traces numbers as symbols: their range cannot be read
         # without specialising on them (eager calls check it)
@@ -72,8 +100,7 @@ def require_nonnegative_number(value: Any, name: str, *, positive: bool = False)
 
 def require_finite_number(value: Any, name: str) -> float:
     """A finite real number of either sign (schedule end points may be negative)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a number, got {type(value).__name__}.")
+    value = real_number(value, name)
     if compiling():  # a symbol under dynamic shapes (see require_nonnegative_number)
         return value
     if not math.isfinite(value):
@@ -94,8 +121,8 @@ def require_dim(dim: Any, x: torch.Tensor, name: str) -> int:
 
 
 def require_positive_int(value: Any, name: str) -> int:
-    # bool is an int subclass; `passes=True` is a bug, not 1.
-    if isinstance(value, bool) or not isinstance(value, int):
+    # bool is an int subclass; `passes=True` is a bug, not 1. numpy integers are ints.
+    if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"`{name}` must be an int, got {type(value).__name__}.")
     if value < 1:
         raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
@@ -217,26 +244,36 @@ def weight_view(weight: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+def _class_weight_tensor(class_weight: Any, expected: str) -> torch.Tensor:
+    """A tensor of the given class weights: a tensor as it is, a sequence or an array (numpy,
+    anything ``torch.as_tensor`` reads) converted; non-floating values get the default dtype."""
+    if isinstance(class_weight, torch.Tensor):
+        cw = class_weight
+    elif isinstance(class_weight, (str, bytes, Mapping, Real)):
+        cw = None  # a single number is not one weight per class
+    else:
+        try:
+            cw = torch.as_tensor(class_weight)
+        except (TypeError, ValueError, RuntimeError):
+            cw = None
+    if cw is None or cw.is_complex() or cw.dtype == torch.bool:
+        raise TypeError(
+            f"`class_weight` must be a sequence, array or 1-D tensor of {expected} real numbers, "
+            f"got {type(class_weight).__name__}."
+        )
+    return cw if cw.is_floating_point() else cw.to(torch.get_default_dtype())
+
+
 def require_class_weight(class_weight: Any, num_classes: int, logits: torch.Tensor) -> torch.Tensor:
     """One non-negative weight per class (C entries; 2 for binary logits with C == 1)."""
     expected = max(num_classes, 2)
-    if isinstance(class_weight, torch.Tensor):
-        cw = class_weight
-    elif isinstance(class_weight, (Sequence,)) and not isinstance(class_weight, str):
-        cw = torch.as_tensor(list(class_weight), dtype=torch.float32)
-    else:
-        raise TypeError(
-            f"`class_weight` must be a sequence or 1-D tensor of {expected} numbers, "
-            f"got {type(class_weight).__name__}."
-        )
+    cw = _class_weight_tensor(class_weight, str(expected))
     if cw.ndim != 1 or cw.shape[0] != expected:
         raise ValueError(
             f"`class_weight` must have shape ({expected},) (one weight per class"
             f"{', background first, for binary logits' if num_classes == 1 else ''}), "
             f"got {shape_str(cw.shape)}."
         )
-    if not cw.is_floating_point():
-        cw = cw.float()
     cw = cw.to(device=logits.device)
     if cw.device.type == "cpu" and not compiling() and bool((cw < 0).any() | ~cw.isfinite().all()):
         raise ValueError(f"`class_weight` must be finite and >= 0, got {cw.tolist()}.")
@@ -248,9 +285,7 @@ def class_weight_buffer(class_weight: Any) -> Optional[torch.Tensor]:
     1-D, finite, >= 0; a floating tensor keeps its dtype, anything else gets the default one."""
     if class_weight is None:
         return None
-    cw = torch.as_tensor(class_weight)
-    if not cw.is_floating_point():  # a float64 tensor stays float64: no silent rounding
-        cw = cw.to(torch.get_default_dtype())
+    cw = _class_weight_tensor(class_weight, "C")  # a float64 tensor stays float64
     if cw.ndim != 1 or bool((cw < 0).any()) or not bool(cw.isfinite().all()):
         raise ValueError(
             f"`class_weight` must be a 1-D sequence of finite weights >= 0, got {cw.tolist()}."
@@ -331,13 +366,18 @@ def check_labels(
 ) -> None:
     """Labels must be integral and in [0, C) (C = 2 for binary), except ``ignore_index``."""
     high = max(num_classes, 2)
-    allowed = f"integers in [0, {high - 1}]"
+    allowed = allowed_labels(num_classes, ignore_index)
     if ignore_index is not None:
-        allowed += f" or ignore_index={ignore_index}"
         labels = torch.where(labels == ignore_index, torch.zeros_like(labels), labels)
     if labels.is_floating_point():
         check_values((labels == torch.round(labels)).all(), f"`{name}` labels must be {allowed}.")
     check_range(labels, name, 0, high - 1, f"labels: {allowed}")
+
+
+def allowed_labels(num_classes: int, ignore_index: Optional[int]) -> str:
+    """The label values a loss accepts, in words (C = 2 for binary logits)."""
+    allowed = f"integers in [0, {max(num_classes, 2) - 1}]"
+    return allowed if ignore_index is None else f"{allowed} or ignore_index={ignore_index}"
 
 
 def check_probabilities(target: torch.Tensor, name: str = "target") -> None:

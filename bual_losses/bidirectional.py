@@ -23,7 +23,7 @@ consistency weight $\lambda(t) = 0.1\,\text{sigmoid\_rampup}(t, T)$, with $T$ = 
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any, NamedTuple, Optional, Union, cast
 
 import torch
@@ -169,16 +169,9 @@ _LOSS_OPTIONS = (
 )
 
 
-def _check_logits_pair(
-    student: Optional[torch.Tensor], teacher: Optional[torch.Tensor], labeled: torch.Tensor
-) -> None:
-    if (student is None) != (teacher is None):
-        raise ValueError(
-            "`student_unlabeled_logits` and `teacher_unlabeled_logits` must both be tensors or "
-            f"both be None, got {type(student).__name__} and {type(teacher).__name__}."
-        )
-    if student is None or teacher is None:
-        return
+def _check_logits_pair(student: Any, teacher: Any, labeled: Optional[torch.Tensor]) -> None:
+    """The unlabeled logits pair: same shape, and the device, class count and spatial rank of
+    the labeled logits (when given; a labeled batch may have size 0)."""
     V.require_logits(student, "student_unlabeled_logits")
     V.require_logits(teacher, "teacher_unlabeled_logits")
     if teacher.shape != student.shape:
@@ -186,6 +179,8 @@ def _check_logits_pair(
             "`teacher_unlabeled_logits` must have the shape of `student_unlabeled_logits` "
             f"{V.shape_str(student.shape)}, got {V.shape_str(teacher.shape)}."
         )
+    if labeled is None:
+        return
     V.require_same_device(student, "student_unlabeled_logits", labeled, "student_labeled_logits")
     V.require_same_device(teacher, "teacher_unlabeled_logits", labeled, "student_labeled_logits")
     if student.shape[1] != labeled.shape[1] or student.ndim != labeled.ndim:
@@ -215,16 +210,19 @@ def _uncertainty_map(
     return u
 
 
-def _number_threshold(threshold: Threshold, step: Numeric) -> Optional[float]:
+def _number_threshold(region: _Region, step: Numeric) -> Optional[float]:
     """The threshold as a Python number when it is one (or a Schedule gives one at ``step``):
     compared as a scalar, it costs no kernel."""
-    value: Any = threshold
+    value: Any = region.threshold
     if callable(value) and not isinstance(value, (torch.Tensor, RatioSchedule)):
         value = value(step)
+        if isinstance(value, Real) and value != value:
+            raise ValueError(
+                f"`{region.name}` gave NaN at step {step!r}; a schedule must give "
+                "a number (+-inf are allowed)."
+            )
     if isinstance(value, bool) or not isinstance(value, Real):
         return None
-    if value != value:
-        raise ValueError("`threshold` must not be NaN (+-inf are allowed), got nan.")
     return float(value)
 
 
@@ -241,6 +239,7 @@ class _Region(NamedTuple):
     base: float
     scale: float
     temperature: Optional[float]
+    name: str  # the option that set the threshold, for messages
 
     def weight(self, threshold: Union[float, torch.Tensor]) -> UncertaintyWeight:
         """The region's weight once its threshold is resolved to a number or a tensor."""
@@ -274,7 +273,7 @@ def _branch(
     if u is None and isinstance(region.threshold, RatioSchedule):
         u = normalized_entropy(logits if teacher is None else teacher)
     if u is None:
-        thr: Union[float, torch.Tensor, None] = _number_threshold(region.threshold, step)
+        thr: Union[float, torch.Tensor, None] = _number_threshold(region, step)
         if thr is None:
             # resolve_threshold reads only the shape of the map for these thresholds: a (B, *S)
             # broadcast of one element stands in for it (no memory, the true shapes in messages)
@@ -302,9 +301,138 @@ def _branch(
     return loss, _flat_threshold(thr_full), global_mean(s_sum, s.numel(), group)
 
 
+def _require_step(step: Any, validate: bool) -> None:
+    """A number or a 0-d real tensor, not NaN (a NaN step would make every threshold NaN and
+    both regions silently empty)."""
+    if isinstance(step, torch.Tensor):
+        if step.ndim != 0 or step.is_complex() or step.dtype == torch.bool:
+            raise ValueError(
+                "`step` must be a number or a 0-d real tensor (one step for the whole batch), "
+                f"got a tensor of shape {V.shape_str(step.shape)} and dtype {step.dtype}."
+            )
+        if validate and step.is_floating_point():
+            V.check_values(step == step, "`step` must not be NaN.")
+        return
+    if isinstance(step, bool) or not isinstance(step, (Real, torch.SymInt)):
+        raise TypeError(f"`step` must be a number or a tensor, got {type(step).__name__}.")
+    if not isinstance(step, (Integral, torch.SymInt)) and not V.compiling() and step != step:
+        raise ValueError("`step` must not be NaN.")
+
+
+def _branch_present(
+    logits: Optional[torch.Tensor], other: Optional[torch.Tensor], name: str, other_name: str
+) -> bool:
+    """Whether a branch has images: ``False`` for ``None`` (with ``other`` None too) or a batch
+    of size 0 (what ``logits[:n]`` gives for ``n = 0``), whose ``other`` must match."""
+    if logits is None:
+        if other is not None:
+            raise ValueError(
+                f"`{name}` and `{other_name}` must both be tensors or both be None, "
+                f"got None and {type(other).__name__}."
+            )
+        return False
+    V.require_floating(logits, name)
+    if logits.ndim >= 3 and logits.shape[0] == 0 and math.prod(logits.shape[1:]) > 0:
+        if other is None or V.require_tensor(other, other_name).shape[:1] != (0,):
+            got = "None" if other is None else V.shape_str(other.shape)
+            raise ValueError(
+                f"`{other_name}` must hold a batch of size 0 like `{name}` "
+                f"{V.shape_str(logits.shape)}, got {got}."
+            )
+        return False
+    V.require_logits(logits, name)
+    if other is None:
+        raise ValueError(
+            f"`{name}` and `{other_name}` must both be tensors or both be None, "
+            f"got {type(logits).__name__} and None."
+        )
+    return True
+
+
+def _require_absent(x: Optional[torch.Tensor], name: str) -> None:
+    """An option of a branch without images must be None or an empty batch too."""
+    if x is not None and V.require_tensor(x, name).shape[:1] != (0,):
+        raise ValueError(
+            f"`{name}` belongs to a branch without images and must be None or a batch of size "
+            f"0, got shape {V.shape_str(x.shape)}."
+        )
+
+
+def _labeled_branch(
+    zl: torch.Tensor,
+    labels: Any,
+    opts: Options,
+    spec: Finish,
+    region: _Region,
+    *,
+    impl: str,
+    validate: bool,
+    step: Numeric,
+    teacher: Optional[torch.Tensor],
+    uncertainty: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, Union[float, torch.Tensor], torch.Tensor]:
+    """The labeled branch: its uncertainty from the caller's map, the teacher's logits or the
+    detached student."""
+    if uncertainty is not None and teacher is not None:
+        raise ValueError(
+            "Pass at most one of `labeled_uncertainty` and `teacher_labeled_logits`: both set "
+            "the labeled branch's uncertainty."
+        )
+    u_l: Optional[torch.Tensor] = None
+    if teacher is not None:
+        V.require_logits(teacher, "teacher_labeled_logits")
+        if teacher.shape != zl.shape:
+            raise ValueError(
+                "`teacher_labeled_logits` must have the shape of `student_labeled_logits` "
+                f"{V.shape_str(zl.shape)}, got {V.shape_str(teacher.shape)}."
+            )
+        V.require_same_device(teacher, "teacher_labeled_logits", zl, "student_labeled_logits")
+        if validate and zl.device.type == "cpu":  # elsewhere: with the branch's result
+            V.check_finite(teacher, "teacher_labeled_logits")
+    elif uncertainty is not None:
+        u_l = _uncertainty_map(uncertainty, zl, "labeled_uncertainty", validate)
+    return _branch(
+        zl, labels, opts, spec, region, impl=impl, validate=validate, step=step,
+        uncertainty=u_l, teacher=teacher,
+    )  # fmt: skip
+
+
+def _result(
+    loss_l: Optional[torch.Tensor],
+    loss_u: Optional[torch.Tensor],
+    lam: Union[float, torch.Tensor],
+    thr_h: Union[float, torch.Tensor],
+    thr_l: Union[float, torch.Tensor],
+    frac_h: Union[float, torch.Tensor],
+    frac_l: Union[float, torch.Tensor],
+    return_parts: bool,
+) -> Union[torch.Tensor, tuple[torch.Tensor, BidirectionalParts]]:
+    """``loss_l + lam * loss_u`` over the branches present, and the parts when asked for (made
+    only then: on a GPU each is a kernel). An absent branch's parts are 0."""
+    ref = cast(torch.Tensor, loss_l if loss_l is not None else loss_u)
+    if isinstance(lam, torch.Tensor):
+        lam = lam.to(device=ref.device, dtype=ref.dtype)
+    if loss_u is None:
+        loss = ref
+    elif loss_l is None:
+        loss = lam * loss_u
+    else:
+        loss = loss_l + lam * loss_u
+    if not return_parts:
+        return loss
+    as_tensors = (
+        x if isinstance(x, torch.Tensor) else ref.new_full((), float(x))
+        for x in (
+            0.0 if loss_l is None else loss_l, 0.0 if loss_u is None else loss_u,
+            lam, thr_h, thr_l, frac_h, frac_l,
+        )
+    )  # fmt: skip
+    return loss, BidirectionalParts(*as_tensors)
+
+
 def bidirectional_loss(
-    student_labeled_logits: torch.Tensor,
-    labels: torch.Tensor,
+    student_labeled_logits: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor],
     student_unlabeled_logits: Optional[torch.Tensor],
     teacher_unlabeled_logits: Optional[torch.Tensor],
     *,
@@ -349,12 +477,16 @@ def bidirectional_loss(
     receive gradients.
 
     Args:
-        student_labeled_logits: ``(B_l, C, *S)`` student logits of the labeled images.
+        student_labeled_logits: ``(B_l, C, *S)`` student logits of the labeled images, or
+            ``None`` / a batch of size 0 (with ``labels`` alike) for a batch without labeled
+            images: the loss is then the unlabeled term alone.
         labels: ``(B_l, *S)`` or ``(B_l, 1, *S)`` labels (or ``(B_l, C, *S)`` probabilities).
         student_unlabeled_logits: ``(B_u, C, *S)`` student logits of the unlabeled images, or
-            ``None`` (with the teacher's) for a batch without unlabeled images.
+            ``None`` / a batch of size 0 (with the teacher's) for a batch without unlabeled
+            images.
         teacher_unlabeled_logits: ``(B_u, C, *S)`` teacher (e.g. EMA) logits of the same images.
-        step: the training step (a number or a 0-d tensor) driving every schedule.
+        step: the training step driving every schedule: a Python or numpy number or a 0-d
+            tensor (one step for the whole batch; NaN is refused).
         total_steps: length of the default threshold and consistency ramps (SSL4MIS: 30000).
         teacher_labeled_logits: teacher logits of the labeled images; when given, the labeled
             uncertainty comes from them instead of the detached student prediction.
@@ -391,7 +523,11 @@ def bidirectional_loss(
             all ranks (see [`region_ce_dice_loss`][bual_losses.losses.region_ce_dice_loss]),
             ratio thresholds with ``per_sample=False`` are computed over all ranks' maps and
             the region fractions are global, so every rank computes the loss of the
-            concatenated batch. Every rank must pass unlabeled logits, or none must.
+            concatenated batch. Every rank must pass images of each branch, or none must.
+
+    Scalar options (``alpha``, ``total_steps``, ``consistency_weight``, ...) take Python or
+    numpy numbers or 0-d CPU tensors; a 0-d tensor on an accelerator is refused (reading it
+    would synchronise every call: pass a number or a Schedule).
 
     Returns:
         The scalar loss, or ``(loss, parts)`` with ``return_parts=True``.
@@ -432,17 +568,34 @@ def bidirectional_loss(
         consistency_weight=consistency_weight,
         **loss_opts,
     )
-    if isinstance(step, bool) or not isinstance(step, (Real, torch.Tensor, torch.SymInt)):
-        raise TypeError(f"`step` must be a number or a tensor, got {type(step).__name__}.")
+    _require_step(step, validate)
+    if consistency_weight is not None and not callable(consistency_weight):
+        # numpy scalars and 0-d CPU tensors become the Python number they hold
+        consistency_weight = V.require_nonnegative_number(consistency_weight, "consistency_weight")
+    group = resolve_group(sync_dist)
+    has_labeled = _branch_present(
+        student_labeled_logits, labels, "student_labeled_logits", "labels"
+    )
+    has_unlabeled = _branch_present(
+        student_unlabeled_logits, teacher_unlabeled_logits,
+        "student_unlabeled_logits", "teacher_unlabeled_logits",
+    )  # fmt: skip
+    if not (has_labeled or has_unlabeled):
+        raise ValueError(
+            "bidirectional_loss needs images in at least one branch, got no labeled and no "
+            "unlabeled images (None or a batch of size 0)."
+        )
+    if has_unlabeled:
+        _check_logits_pair(
+            student_unlabeled_logits, teacher_unlabeled_logits, student_labeled_logits
+        )
     if V.compiling() and not isinstance(step, torch.Tensor):
         # torch.compile makes a Python step that changes between calls a symbolic int; the
         # schedules' float arithmetic on it cannot be guarded, so they run on a tensor instead
-        device = student_labeled_logits.device
+        present = student_labeled_logits if has_labeled else student_unlabeled_logits
+        device = cast(torch.Tensor, present).device
         dtype = torch.float32 if device.type == "mps" else torch.float64  # as exact as a float
         step = torch.scalar_tensor(step, dtype=dtype, device=device)
-    group = resolve_group(sync_dist)
-    V.require_logits(student_labeled_logits, "student_labeled_logits")
-    _check_logits_pair(student_unlabeled_logits, teacher_unlabeled_logits, student_labeled_logits)
     default_threshold = uamt_threshold_schedule(total_steps, base="normalized")
     tau_h = default_threshold if high_threshold is None else high_threshold
     tau_l = default_threshold if low_threshold is None else low_threshold
@@ -452,78 +605,52 @@ def bidirectional_loss(
         else as_schedule(consistency_weight, name="consistency_weight")
     )
     spec = Finish(float(lambda_ce), float(lambda_dice), "mean", group)
-
-    # labeled branch: high-uncertainty emphasis. The options are parsed once, here; the
-    # unlabeled branch differs only in its target (the teacher's pseudo-labels).
-    zl = student_labeled_logits
-    opts = parse_options(
-        zl, labels, None,
+    # the options are parsed once, on the first branch present; the unlabeled branch differs
+    # only in its target (the teacher's pseudo-labels)
+    parse: dict[str, Any] = dict(
         include_background=include_background, softmax=None, sigmoid=None,
         squared_pred=squared_pred, smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch,
-        class_weight=class_weight, ignore_index=ignore_index, eps=eps, impl=impl,
-        validate=validate,
+        class_weight=class_weight, eps=eps, impl=impl, validate=validate,
     )  # fmt: skip
-    if labeled_uncertainty is not None and teacher_labeled_logits is not None:
-        raise ValueError(
-            "Pass at most one of `labeled_uncertainty` and `teacher_labeled_logits`: both set "
-            "the labeled branch's uncertainty."
-        )
-    u_l: Optional[torch.Tensor] = None
-    if teacher_labeled_logits is not None:
-        V.require_logits(teacher_labeled_logits, "teacher_labeled_logits")
-        if teacher_labeled_logits.shape != zl.shape:
-            raise ValueError(
-                "`teacher_labeled_logits` must have the shape of `student_labeled_logits` "
-                f"{V.shape_str(zl.shape)}, got {V.shape_str(teacher_labeled_logits.shape)}."
-            )
-        V.require_same_device(
-            teacher_labeled_logits, "teacher_labeled_logits", zl, "student_labeled_logits"
-        )
-        if validate and zl.device.type == "cpu":  # elsewhere: with the branch's result
-            V.check_finite(teacher_labeled_logits, "teacher_labeled_logits")
-    elif labeled_uncertainty is not None:
-        u_l = _uncertainty_map(labeled_uncertainty, zl, "labeled_uncertainty", validate)
-    high = _Region(tau_h, "high", 1.0, float(alpha), temperature)
-    loss_l, thr_h, frac_h = _branch(
-        zl, labels, opts, spec, high, impl=impl, validate=validate, step=step,
-        uncertainty=u_l, teacher=teacher_labeled_logits,
-    )  # fmt: skip
+    high = _Region(tau_h, "high", 1.0, float(alpha), temperature, "high_threshold")
+    low = _Region(tau_l, "low", float(beta), 1.0 - float(beta), temperature, "low_threshold")
 
+    # labeled branch: high-uncertainty emphasis
+    opts: Optional[Options] = None
+    if has_labeled:
+        zl = cast(torch.Tensor, student_labeled_logits)
+        opts = parse_options(zl, labels, None, ignore_index=ignore_index, **parse)
+        loss_l, thr_h, frac_h = _labeled_branch(
+            zl, labels, opts, spec, high, impl=impl, validate=validate, step=step,
+            teacher=teacher_labeled_logits, uncertainty=labeled_uncertainty,
+        )  # fmt: skip
+    else:
+        _require_absent(teacher_labeled_logits, "teacher_labeled_logits")
+        _require_absent(labeled_uncertainty, "labeled_uncertainty")
     # a constant weight stays a Python number: evaluated at a tensor step it would be rounded
     # to the step's float dtype
     lam = consistency_weight if isinstance(consistency_weight, Real) else lam_schedule(step)
-    if isinstance(lam, torch.Tensor):
-        lam = lam.to(device=loss_l.device, dtype=loss_l.dtype)
 
-    def parts_of(*values: Union[float, torch.Tensor]) -> BidirectionalParts:
-        """The parts as tensors, made only when asked for (on a GPU each is a kernel)."""
-        as_tensors = (
-            x if isinstance(x, torch.Tensor) else loss_l.new_full((), float(x))
-            for x in (*values, lam)
-        )
-        l_l, l_u, t_h, t_l, f_h, f_l, lam_t = as_tensors
-        return BidirectionalParts(l_l, l_u, lam_t, t_h, t_l, f_h, f_l)
-
-    if student_unlabeled_logits is None or teacher_unlabeled_logits is None:
-        if not return_parts:
-            return loss_l
-        return loss_l, parts_of(loss_l, 0.0, thr_h, 0.0, frac_h, 0.0)
+    if not has_unlabeled:
+        _require_absent(unlabeled_uncertainty, "unlabeled_uncertainty")
+        return _result(loss_l, None, lam, thr_h, 0.0, frac_h, 0.0, return_parts)
 
     # unlabeled branch: low-uncertainty selection of the teacher's pseudo-label, both taken by
     # the engine from the teacher's logits in the pass over the student's
-    zu, zt = student_unlabeled_logits, teacher_unlabeled_logits.detach()
+    zu = cast(torch.Tensor, student_unlabeled_logits)
+    zt = cast(torch.Tensor, teacher_unlabeled_logits).detach()
+    if opts is None:
+        opts = parse_options(zu, None, None, ignore_index=None, **parse)
     u_u: Optional[torch.Tensor] = None
     if unlabeled_uncertainty is not None:
         u_u = _uncertainty_map(unlabeled_uncertainty, zt, "unlabeled_uncertainty", validate)
     if validate and zt.device.type == "cpu":  # elsewhere: with the branch's result
         V.check_finite(zt, "teacher_unlabeled_logits")
     opts_u = opts._replace(kind="labels", ignore_index=None)
-    low = _Region(tau_l, "low", float(beta), 1.0 - float(beta), temperature)
     loss_u, thr_l, frac_l = _branch(
         zu, None, opts_u, spec, low, impl=impl, validate=validate, step=step,
         uncertainty=u_u, teacher=zt,
     )  # fmt: skip
-    loss = loss_l + lam * loss_u
-    if not return_parts:
-        return loss
-    return loss, parts_of(loss_l, loss_u, thr_h, thr_l, frac_h, frac_l)
+    if not has_labeled:
+        return _result(None, loss_u, lam, 0.0, thr_l, 0.0, frac_l, return_parts)
+    return _result(loss_l, loss_u, lam, thr_h, thr_l, frac_h, frac_l, return_parts)

@@ -114,6 +114,7 @@ class _Prepared(NamedTuple):
     num_classes: int  # K
     dtype: torch.dtype  # accumulation dtype
     classes: torch.Tensor  # (1, K, 1): the class values, for the one-hot compare of labels
+    check_labels: bool  # the label range was not checked up front: check it chunk by chunk
 
 
 class _Workspace:
@@ -269,6 +270,8 @@ def _target_and_weight(prep: _Prepared, ch: _Chunk, ws: _Workspace) -> tuple[tor
             g = ws.big(_G, nb, k, n).copy_(g)
         return g, w
     y = prep.labels[b, s]
+    if prep.check_labels:
+        _check_label_chunk(y, k, prep.ignore_index)
     if prep.ignore_index is not None:
         w = torch.mul(w, y != prep.ignore_index, out=ws.small(_W, nb, n))
     if y.dtype != prep.dtype:
@@ -276,6 +279,28 @@ def _target_and_weight(prep: _Prepared, ch: _Chunk, ws: _Workspace) -> tuple[tor
     # one-hot by a float compare against the class values: one vectorised pass, and a label
     # outside [0, K) (an ignore index) gets a zero row
     return torch.eq(y.unsqueeze(1), prep.classes, out=ws.big(_G, nb, k, n)), w
+
+
+def _check_label_chunk(y: torch.Tensor, k: int, ignore_index: Optional[int]) -> None:
+    """Out-of-range labels fail here too with ``validate=False``: the compare one-hot would read
+    them as "no class" and give a finite, wrong loss, where the other engines' indexing fails.
+    One min/max of a chunk already in cache; the exact test only when it finds a value outside
+    ``[0, K)`` (an ignore index) or the labels are floats (which must be integral)."""
+    message = (
+        f"`target` labels must be {V.allowed_labels(k, ignore_index)}; found other values "
+        "(validate=False skips the up-front checks, not this one)."
+    )
+    cpu = y.device.type == "cpu"
+    if cpu and not y.is_floating_point():
+        lo, hi = torch.aminmax(y)
+        if bool(lo >= 0) and bool(hi < k):
+            return
+    ok = (y >= 0) & (y < k)
+    if y.is_floating_point():
+        ok &= y == torch.round(y)
+    if ignore_index is not None:
+        ok |= y == ignore_index
+    V.check_values(ok.all(), message)  # off the CPU: queued, no host synchronisation
 
 
 def _shifted(
@@ -702,6 +727,7 @@ def _prepare(
         num_classes=k,
         dtype=dtype,
         classes=torch.arange(k, dtype=dtype, device=logits.device).view(1, k, 1),
+        check_labels=labels is not None and not opts.labels_checked,
     )
 
 

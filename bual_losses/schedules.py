@@ -29,6 +29,7 @@ from typing import Any, Callable, Literal, Optional, Union, overload
 import torch
 
 from bual_losses._validation import (
+    real_number,
     require_choice,
     require_finite_number,
     require_nonnegative_number,
@@ -237,13 +238,77 @@ def cosine_rampdown(step: Numeric, length: float) -> Numeric:
 # schedule constructors
 
 
-def _constant(value: float) -> Schedule:
-    def schedule(step: Numeric) -> Numeric:
-        if isinstance(step, torch.Tensor):
-            return torch.full_like(_float_step(step), value)
-        return value
+# The schedules are small frozen dataclasses, not closures: a module or a training config
+# holding one can be pickled (checkpoints, DataLoader workers, multiprocessing), compared and
+# printed. Their repr reads like the call that built them.
 
-    return schedule
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class _Constant:
+    value: float
+
+    def __call__(self, step: Numeric) -> Numeric:
+        if isinstance(step, torch.Tensor):
+            return torch.full_like(_float_step(step), self.value)
+        return self.value
+
+    def __repr__(self) -> str:
+        return f"constant_schedule({self.value!r})"
+
+
+_RAMPS: dict[str, Callable[[Numeric, float], Numeric]] = {
+    "sigmoid": _sigmoid_rampup,
+    "linear": _linear_rampup,
+    "cosine": _cosine_rampdown,
+}
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class _Interpolation:
+    """``v_0 + (v_1 - v_0) * ramp(t)``: ``linear_schedule``, and ``cosine_schedule`` written
+    from its end value (``ramp`` = the cosine ramp-down, ``v_0`` the end value)."""
+
+    start: float
+    end: float
+    length: float
+    ramp: str
+
+    def __call__(self, step: Numeric) -> Numeric:
+        return self.start + (self.end - self.start) * _RAMPS[self.ramp](step, self.length)
+
+    def __repr__(self) -> str:
+        if self.ramp == "cosine":
+            return f"cosine_schedule({self.end!r}, {self.start!r}, {self.length!r})"
+        return f"linear_schedule({self.start!r}, {self.end!r}, {self.length!r})"
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class _Rampup:
+    peak: float
+    length: float
+    kind: str
+
+    def __call__(self, step: Numeric) -> Numeric:
+        return self.peak * _RAMPS[self.kind](step, self.length)
+
+    def __repr__(self) -> str:
+        return f"rampup_schedule({self.peak!r}, {self.length!r}, kind={self.kind!r})"
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class _UAMTThreshold:
+    length: float
+    scale: float
+
+    def __call__(self, step: Numeric) -> Numeric:
+        return (0.75 + 0.25 * _sigmoid_rampup(step, self.length)) * self.scale
+
+    def __repr__(self) -> str:
+        return f"uamt_threshold_schedule({self.length!r}, base={self.scale!r})"
+
+
+def _constant(value: float) -> Schedule:
+    return _Constant(value)
 
 
 def constant_schedule(value: float) -> Schedule:
@@ -300,12 +365,7 @@ def linear_schedule(init_value: float, end_value: float, transition_steps: float
     """
     v0 = require_finite_number(init_value, "init_value")
     v1 = require_finite_number(end_value, "end_value")
-    length = _require_length(transition_steps, "transition_steps")
-
-    def schedule(step: Numeric) -> Numeric:
-        return v0 + (v1 - v0) * _linear_rampup(step, length)
-
-    return schedule
+    return _Interpolation(v0, v1, _require_length(transition_steps, "transition_steps"), "linear")
 
 
 def cosine_schedule(init_value: float, end_value: float, decay_steps: float) -> Schedule:
@@ -337,12 +397,7 @@ def cosine_schedule(init_value: float, end_value: float, decay_steps: float) -> 
     """
     v0 = require_finite_number(init_value, "init_value")
     v1 = require_finite_number(end_value, "end_value")
-    length = _require_length(decay_steps, "decay_steps")
-
-    def schedule(step: Numeric) -> Numeric:
-        return v1 + (v0 - v1) * _cosine_rampdown(step, length)
-
-    return schedule
+    return _Interpolation(v1, v0, _require_length(decay_steps, "decay_steps"), "cosine")
 
 
 def rampup_schedule(
@@ -381,12 +436,7 @@ def rampup_schedule(
     peak_value = require_finite_number(peak, "peak")
     ramp_length = _require_length(length)
     require_choice(kind, "kind", _RAMP_KINDS)
-    ramp = _sigmoid_rampup if kind == "sigmoid" else _linear_rampup
-
-    def schedule(step: Numeric) -> Numeric:
-        return peak_value * ramp(step, ramp_length)
-
-    return schedule
+    return _Rampup(peak_value, ramp_length, kind)
 
 
 def _entropy_base(base: Any, num_classes: Optional[int]) -> float:
@@ -409,7 +459,7 @@ def _entropy_base(base: Any, num_classes: Optional[int]) -> float:
                 )
             return math.log(num_classes)
         return 1.0
-    if isinstance(base, bool) or not isinstance(base, (int, float)):
+    if isinstance(base, bool) or not isinstance(base, (Real, torch.Tensor)):
         raise TypeError(
             f"`base` must be one of {_BASES} or a positive number, got {type(base).__name__}."
         )
@@ -461,13 +511,9 @@ def uamt_threshold_schedule(
         >>> uamt_threshold_schedule(6000)(torch.tensor(6000))
         tensor(1.)
     """
-    length = _require_length(total_steps, "total_steps")
-    scale = _entropy_base(base, num_classes)
-
-    def schedule(step: Numeric) -> Numeric:
-        return (0.75 + 0.25 * _sigmoid_rampup(step, length)) * scale
-
-    return schedule
+    return _UAMTThreshold(
+        _require_length(total_steps, "total_steps"), _entropy_base(base, num_classes)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,15 +553,16 @@ class RatioSchedule:
 
     def __post_init__(self) -> None:
         if not callable(self.ratio):
-            if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
+            if isinstance(self.ratio, bool) or not isinstance(self.ratio, (Real, torch.Tensor)):
                 raise TypeError(
                     "`ratio` must be a number in [0, 1] or a Schedule, "
                     f"got {type(self.ratio).__name__}."
                 )
-            if not 0.0 <= self.ratio <= 1.0:
-                raise ValueError(f"`ratio` must lie in [0, 1], got {self.ratio!r}.")
-            # frozen dataclass: normalise an int ratio (0 or 1) to float once.
-            object.__setattr__(self, "ratio", float(self.ratio))
+            ratio = real_number(self.ratio, "ratio")
+            if not 0.0 <= ratio <= 1.0:
+                raise ValueError(f"`ratio` must lie in [0, 1], got {ratio!r}.")
+            # frozen dataclass: normalise an int, numpy or 0-d tensor ratio to float once.
+            object.__setattr__(self, "ratio", float(ratio))
         if not isinstance(self.per_sample, bool):
             raise TypeError(f"`per_sample` must be a bool, got {type(self.per_sample).__name__}.")
 
@@ -584,8 +631,8 @@ def as_schedule(value: Union[float, Schedule], *, name: str = "value") -> Schedu
     """
     if callable(value):
         return value
-    if isinstance(value, Real) and not isinstance(value, bool):
-        return _constant(require_finite_number(float(value), name))
+    if isinstance(value, (Real, torch.Tensor)) and not isinstance(value, bool):
+        return _constant(require_finite_number(value, name))
     raise TypeError(
         f"`{name}` must be a number or a Schedule (a callable of the step), "
         f"got {type(value).__name__}."

@@ -1254,6 +1254,103 @@ def test_resolved_per_sample_threshold_shape_works_in_both_impls() -> None:
 def test_constant_consistency_weight_is_exact_with_an_integer_tensor_step() -> None:
     batch = make_batch(seed=32)
     _, parts = bidirectional_loss(
-        *batch, step=torch.tensor(3), consistency_weight=0.3, return_parts=True
+        *batch, step=torch.tensor(3), consistency_weight=0.375, return_parts=True
     )
     assert parts.consistency_weight.item() == 0.3
+
+
+# --------------------------------------------------------------------------------------------
+# issue 15, item 4: options as users pass them, steps, batches without labeled images
+
+
+def _batch(seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    zl = torch.randn(2, 3, 6, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (2, 6, 5), generator=g)
+    zu = torch.randn(3, 3, 6, 5, generator=g, dtype=torch.float64)
+    zt = torch.randn(3, 3, 6, 5, generator=g, dtype=torch.float64)
+    return zl, y, zu, zt
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_numpy_scalars_and_cpu_tensors_are_numbers(impl: str) -> None:
+    np = pytest.importorskip("numpy")
+    zl, y, zu, zt = _batch()
+    plain = dict(
+        total_steps=100, alpha=1.5, beta=0.25, temperature=0.1, consistency_weight=0.375,
+        smooth_nr=1e-4, lambda_ce=0.5, class_weight=[1.0, 2.0, 0.5],
+    )  # fmt: skip
+    given_as = dict(
+        total_steps=np.int64(100), alpha=np.float32(1.5), beta=torch.tensor(0.25),
+        temperature=np.float64(0.1), consistency_weight=torch.tensor(0.375),
+        smooth_nr=np.float64(1e-4), lambda_ce=torch.tensor(0.5),
+        class_weight=np.array([1.0, 2.0, 0.5]),
+    )  # fmt: skip
+    expected = bidirectional_loss(zl, y, zu, zt, step=np.int64(40), impl=impl, **plain)
+    got = bidirectional_loss(zl, y, zu, zt, step=40, impl=impl, **given_as)
+    torch.testing.assert_close(got, expected, **TIGHT)
+    module = BidirectionalLoss(impl=impl, **given_as)
+    torch.testing.assert_close(module(zl, y, zu, zt, step=40), expected, **TIGHT)
+
+
+def test_accelerator_tensor_options_are_refused_not_synchronised() -> None:
+    zl, y, zu, zt = _batch()
+    with pytest.raises(TypeError, match="`consistency_weight` must be a Python number or a CPU"):
+        bidirectional_loss(
+            zl, y, zu, zt, step=1, consistency_weight=torch.tensor(0.1, device="meta")
+        )
+    with pytest.raises(
+        TypeError,
+        match=r"`alpha` must be a number or a 0-d real tensor, got a tensor of shape \(2,\)",
+    ):
+        bidirectional_loss(zl, y, zu, zt, step=1, alpha=torch.ones(2))
+
+
+@pytest.mark.parametrize("step", [torch.tensor([1, 2]), torch.ones(1), torch.tensor(True)])
+def test_step_must_be_one_number(step: torch.Tensor) -> None:
+    zl, y, zu, zt = _batch()
+    with pytest.raises(ValueError, match=r"`step` must be a number or a 0-d real tensor"):
+        bidirectional_loss(zl, y, zu, zt, step=step, total_steps=10)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_step_names_the_step(impl: str) -> None:
+    np = pytest.importorskip("numpy")
+    zl, y, zu, zt = _batch()
+    for step in (math.nan, np.float32("nan"), torch.tensor(math.nan)):
+        with pytest.raises(ValueError, match="`step` must not be NaN"):
+            bidirectional_loss(zl, y, zu, zt, step=step, total_steps=10, impl=impl)
+
+
+def test_nan_from_a_schedule_names_the_option() -> None:
+    zl, y, zu, zt = _batch()
+    with pytest.raises(ValueError, match="`low_threshold` gave NaN at step 3"):
+        bidirectional_loss(zl, y, zu, zt, step=3, low_threshold=lambda t: math.nan)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_branch_without_images(impl: str) -> None:
+    """B_l = 0 (``logits[:0]``) or None: the loss is the other branch's; likewise B_u = 0."""
+    zl, y, zu, zt = _batch()
+    zl.requires_grad_(True)
+    zu.requires_grad_(True)
+    kw: dict[str, Any] = dict(step=30, total_steps=100, impl=impl)
+    _, parts = bidirectional_loss(zl, y, zu, zt, return_parts=True, **kw)
+    unlabeled_only = parts.consistency_weight * parts.unlabeled_loss
+    for no_labeled in ((zl[:0], y[:0]), (None, None)):
+        loss, got = bidirectional_loss(*no_labeled, zu, zt, return_parts=True, **kw)
+        torch.testing.assert_close(loss, unlabeled_only, **TIGHT)
+        assert float(got.labeled_loss) == 0.0 and float(got.labeled_high_fraction) == 0.0
+        (grad,) = torch.autograd.grad(loss, zu)
+        assert grad.abs().sum() > 0
+    for no_unlabeled in ((zu[:0], zt[:0]), (None, None)):
+        loss = bidirectional_loss(zl, y, *no_unlabeled, **kw)
+        torch.testing.assert_close(loss, parts.labeled_loss, **TIGHT)
+    with pytest.raises(ValueError, match="needs images in at least one branch"):
+        bidirectional_loss(zl[:0], y[:0], None, None, **kw)
+    with pytest.raises(ValueError, match=r"`labels` must hold a batch of size 0"):
+        bidirectional_loss(zl[:0], y, zu, zt, **kw)
+    with pytest.raises(ValueError, match="`student_labeled_logits` and `labels` must both be"):
+        bidirectional_loss(None, y, zu, zt, **kw)
+    with pytest.raises(ValueError, match="`labeled_uncertainty` belongs to a branch without"):
+        bidirectional_loss(None, None, zu, zt, labeled_uncertainty=torch.rand(2, 6, 5), **kw)

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 from bual_losses._core import parse_options
 from bual_losses._reference import reference_stats
+from bual_losses.engines import use_engine
 from bual_losses.losses import (
     SSL4MIS_DICE,
     RegionStats,
@@ -1281,7 +1282,7 @@ INVALID_CALLS: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "class_weight not a sequence",
         lambda: ce_dice(LOGITS, LABELS, class_weight=2.0),
         TypeError,
-        "`class_weight` must be a sequence or 1-D tensor of 3 numbers, got float.",
+        "`class_weight` must be a sequence, array or 1-D tensor of 3 real numbers, got float.",
     ),
     (
         "unknown reduction",
@@ -1413,3 +1414,47 @@ def test_batch_dice_alone_may_return_its_terms() -> None:
     # alone with batch=True are one per class, and CE + Dice with lambda_dice=0 is per sample.
     assert region_dice_loss(LOGITS, LABELS, batch=True, reduction="none", impl=REF).shape == (3,)
     assert ce_dice(LOGITS, LABELS, batch=True, reduction="none", lambda_dice=0).shape == (2,)
+
+
+# --------------------------------------------------------------------------------------------
+# issue 15, item 4: validate=False skips the up-front checks, never the label range
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("bad", [7, -1])
+def test_out_of_range_labels_fail_without_validation(
+    impl: str, bad: int, fused_engine: str
+) -> None:
+    """With validate=False every engine refuses a label outside [0, C): the chunked engine with
+    the loss's own message, the others with their indexing error (on a GPU a device-side
+    assertion). Before, the chunked engine read such a label as "no class" (a finite loss)."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 5, 4, generator=g)
+    labels = torch.randint(0, 3, (2, 5, 4), generator=g)
+    labels[1, 2, 3] = bad
+    if impl == "fused" and fused_engine == "chunked":
+        error, match = ValueError, r"`target` labels must be integers in \[0, 2\]; found other"
+    else:
+        error, match = RuntimeError, "out of bounds|smaller than num_classes|non-negative"
+    with pytest.raises(error, match=match):
+        region_ce_dice_loss(logits, labels, validate=False, impl=impl)
+
+
+def test_fractional_float_labels_fail_on_the_chunked_engine_without_validation() -> None:
+    """The chunked engine's one-hot compares float labels with the class values, so 1.5 would
+    be "no class"; it refuses it. (The indexing engines truncate it: only validate=True, the
+    default, catches it there, as the sharp-edges page says.)"""
+    labels = torch.zeros(2, 5, 4)
+    labels[0, 0, 0] = 1.5
+    with use_engine("chunked"), pytest.raises(ValueError, match="found other values"):
+        region_ce_dice_loss(torch.randn(2, 3, 5, 4), labels, validate=False)
+
+
+def test_ignored_labels_pass_without_validation() -> None:
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (2, 5, 4), generator=g)
+    labels[0, :2] = 255
+    checked = region_ce_dice_loss(logits, labels, ignore_index=255)
+    unchecked = region_ce_dice_loss(logits, labels, ignore_index=255, validate=False)
+    torch.testing.assert_close(unchecked, checked, rtol=0, atol=0)

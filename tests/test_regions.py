@@ -503,7 +503,7 @@ MAP = torch.rand(2, 3, 4)
         (
             lambda: high_uncertainty_mask(MAP, lambda step: SCHEDULE, step=1),
             TypeError,
-            r"`threshold` schedule must return a number or a tensor, got function",
+            r"`threshold` schedule must return a number or a tensor, got _Interpolation",
         ),
         (
             lambda: ratio_threshold(MAP, 1.5),

@@ -383,3 +383,45 @@ def test_configuration_errors(
 ) -> None:
     with pytest.raises(error, match=match):
         build()
+
+
+# --------------------------------------------------------------------------------------------
+# issue 15, item 4: schedules are values (picklable, comparable, printable), not closures
+
+LIBRARY_SCHEDULES = {
+    "constant": constant_schedule(0.25),
+    "linear": linear_schedule(1.0, 0.0, 10),
+    "cosine": cosine_schedule(1.0, 0.2, 100),
+    "rampup sigmoid": rampup_schedule(0.1, 200),
+    "rampup linear": rampup_schedule(0.1, 200, kind="linear"),
+    "uamt": uamt_threshold_schedule(6000, base="ln2"),
+    "as_schedule": as_schedule(np.float32(0.5)),
+    "ratio": ratio_schedule(linear_schedule(0.5, 0.1, 1000), per_sample=False),
+}
+
+
+@pytest.mark.parametrize("name", LIBRARY_SCHEDULES)
+def test_schedules_pickle_compare_and_print(name: str) -> None:
+    import pickle
+
+    schedule = LIBRARY_SCHEDULES[name]
+    copy = pickle.loads(pickle.dumps(schedule))
+    assert copy == schedule
+    for step in (0, 3, 57.5, 250, 10_000):
+        assert copy(step) == schedule(step)
+        torch.testing.assert_close(
+            copy(torch.tensor(float(step))), schedule(torch.tensor(float(step)))
+        )
+    # the repr is the call that builds an equal schedule
+    rebuilt = eval(repr(schedule), {  # our own repr, names given explicitly
+        "constant_schedule": constant_schedule, "linear_schedule": linear_schedule,
+        "cosine_schedule": cosine_schedule, "rampup_schedule": rampup_schedule,
+        "uamt_threshold_schedule": uamt_threshold_schedule, "RatioSchedule": RatioSchedule,
+    })  # fmt: skip
+    assert rebuilt == schedule, repr(schedule)
+
+
+def test_cpu_tensor_and_numpy_configuration_values() -> None:
+    assert linear_schedule(np.float32(1.0), torch.tensor(0.0), np.int64(10))(5) == 0.5
+    assert RatioSchedule(torch.tensor(0.25)).ratio == 0.25
+    assert uamt_threshold_schedule(np.int64(10), base=np.float64(2.0))(10) == 2.0
