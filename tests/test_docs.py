@@ -298,3 +298,16 @@ def test_attribute_docstring_examples(monkeypatch: pytest.MonkeyPatch) -> None:
     assert any(t.name == "bual_losses.losses.SSL4MIS_DICE" for t in tests)
     failures = _run(tests)
     assert not failures, failures
+
+
+def test_sharp_edges_page_cites_tests_that_exist() -> None:
+    """Each test the sharp-edges page names as proof exists, so the page cannot drift."""
+    text = (DOCS / "sharp-edges.md").read_text(encoding="utf-8")
+    cited = set(re.findall(r"`(?:tests/\w+\.py::)?(test_\w+)`", text))
+    assert len(cited) >= 20
+    defined = {
+        m
+        for path in Path(__file__).parent.glob("test_*.py")
+        for m in re.findall(r"^def (test_\w+)\(", path.read_text(encoding="utf-8"), re.M)
+    }
+    assert cited <= defined, sorted(cited - defined)

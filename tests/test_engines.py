@@ -8,6 +8,7 @@ and module tests, which run on both fused engines (``tests/conftest.py``: ``fuse
 from __future__ import annotations
 
 import ast
+import copy
 import itertools
 from pathlib import Path
 from typing import Any, Optional
@@ -293,6 +294,59 @@ def test_compile_keeps_one_graph_for_every_batch_size() -> None:
     assert len(graphs) <= 2, f"{len(graphs)} graphs for 11 batch sizes"
 
 
+class _TinyNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_compiled_training_step_recipe() -> None:
+    """The sharp-edges recipe, followed as written: compile the whole training step (student
+    and teacher forward, ``bidirectional_loss`` with a Python-int step, backward, optimiser
+    step) once, mark the batch dim dynamic on the first batch, then train 50 steps and feed 10
+    distinct batch sizes: no error, equal to eager, and at most 2 graphs in all."""
+    torch._dynamo.reset()
+    graphs: list[int] = []
+
+    def counting(gm: torch.fx.GraphModule, _inputs: Any) -> Any:
+        graphs.append(1)
+        return gm.forward
+
+    torch.manual_seed(0)
+    student, teacher = _TinyNet().double(), _TinyNet().double()
+    twin = copy.deepcopy(student)  # trained eagerly, side by side
+
+    def losses(net: torch.nn.Module, xl: Any, y: Any, xu: Any, step: int) -> torch.Tensor:
+        with torch.no_grad():
+            zt = teacher(xu)
+        return bidirectional_loss(  # type: ignore[return-value]
+            net(xl), y, net(xu), zt, step=step, total_steps=40
+        )
+
+    compiled = torch.compile(losses, fullgraph=True, backend=counting)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    opt_twin = torch.optim.SGD(twin.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    sizes = [4] * 50 + list(range(2, 12))  # 50 steps, then 10 batch sizes (a short last batch)
+    for step, b in enumerate(sizes):
+        xl, xu = (torch.randn(b, 1, 8, 9, generator=gen, dtype=torch.float64) for _ in range(2))
+        y = torch.randint(0, 3, (b, 8, 9), generator=gen)
+        if step == 0:  # the recipe: one line before the first compiled call
+            for t in (xl, y, xu):
+                torch._dynamo.mark_dynamic(t, 0)
+        for net, optimiser, fn in ((student, opt, compiled), (twin, opt_twin, losses)):
+            optimiser.zero_grad()
+            loss = fn(net, xl, y, xu, step)
+            loss.backward()
+            optimiser.step()
+        for a, w in zip(student.parameters(), twin.parameters()):
+            torch.testing.assert_close(a, w, rtol=1e-9, atol=1e-12)
+    assert len(graphs) <= 2, f"{len(graphs)} graphs for {len(sizes)} steps"
+
+
 # --------------------------------------------------------------------------------------------
 # 5. torch.func: the default path runs the reference engine inside the transforms
 
@@ -306,6 +360,12 @@ def test_torch_func_grad_and_vmap_of_the_default_path() -> None:
     per_sample = torch.func.vmap(lambda a, t: region_ce_dice_loss(a[None], t[None]))(z, y)
     expected = torch.stack([region_ce_dice_loss(z[i : i + 1], y[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(per_sample, expected, rtol=1e-12, atol=0)
+    jac = torch.func.jacrev(lambda a: region_ce_dice_loss(a, y, reduction="none"))(z)
+    leaf = z.clone().requires_grad_()
+    per = region_ce_dice_loss(leaf, y, reduction="none", impl="reference")
+    for i in range(3):
+        (row,) = torch.autograd.grad(per[i], leaf, retain_graph=True)
+        torch.testing.assert_close(jac[i], row, rtol=1e-12, atol=1e-14)
     grad = torch.func.grad(lambda a: _bidirectional_step(a, y, zu, zt, step=4))(z)
     leaf = z.clone().requires_grad_()
     bidirectional_loss(leaf, y, zu, zt, step=4, total_steps=10, impl="reference").backward()
