@@ -28,6 +28,7 @@ from .regions import (
 )
 from .schedules import (
     RatioSchedule,
+    RelativeThreshold,
     Schedule,
     as_schedule,
     constant_schedule,
@@ -37,6 +38,7 @@ from .schedules import (
     linear_schedule,
     rampup_schedule,
     ratio_schedule,
+    relative_threshold,
     sigmoid_rampup,
     uamt_threshold_schedule,
 )
@@ -58,6 +60,7 @@ __all__ = [
     "RatioSchedule",
     "RegionCEDiceLoss",
     "RegionStats",
+    "RelativeThreshold",
     "Schedule",
     "UncertaintyEstimate",
     "UncertaintyWeight",
@@ -82,6 +85,7 @@ __all__ = [
     "region_ce_loss",
     "region_dice_loss",
     "region_fraction",
+    "relative_threshold",
     "resolve_threshold",
     "sigmoid_rampup",
     "soft_uncertainty_weight",

@@ -134,7 +134,8 @@ def _derived_weight(
 
     ``s`` compares the normalised entropy ``u = min(H / ln K, 1)`` of ``p`` with the threshold.
     A hard region compares the entropy ``H`` (nats) itself with ``tau ln K``: no ``(B, N)`` map
-    of ``u`` (``tau >= 1`` selects nothing, as ``u <= 1``).
+    of ``u`` (``tau >= 1`` selects nothing, as ``u <= 1``). A relative threshold (a factor of
+    each sample's mean ``u``) costs one more reduction, of the entropy at hand.
     """
     ln_k = math.log(p.shape[1])
     h = torch.special.entr(p).sum(1, keepdim=True)  # entr(0) = 0: -inf logits are fine
@@ -143,7 +144,10 @@ def _derived_weight(
         thr = thr.to(h.dtype)
         thr = thr.view(-1, 1, 1) if thr.ndim else thr
     if spec.temperature is None:
-        if isinstance(thr, torch.Tensor):
+        if spec.relative:  # tau ln K = f * mean(H); H above ln K by rounding compares alike
+            mean = h.mean(2, keepdim=True)
+            thr = mean if isinstance(thr, float) and thr == 1 else mean.mul_(thr)
+        elif isinstance(thr, torch.Tensor):
             h, thr = h.clamp_(max=ln_k), thr * ln_k
         else:
             thr = thr * ln_k if thr < 1 else math.inf
@@ -154,6 +158,8 @@ def _derived_weight(
             weight = s.to(h.dtype).mul_(spec.scale).add_(spec.base)
         return weight, s.sum(dtype=h.dtype)
     u = h.mul_(1.0 / ln_k).clamp_(max=1.0)
+    if spec.relative:
+        thr = u.mean(2, keepdim=True).mul_(thr)
     soft = spec.indicator(u, thr)
     return soft * spec.scale + spec.base, soft.sum()
 

@@ -120,6 +120,7 @@ def reference_loss(
     mass = None
     if derived is not None:
         u = normalized_entropy(source)
+        derived = derived.absolute(u)
         thr = torch.as_tensor(derived.threshold, dtype=u.dtype, device=u.device)
         s = derived.indicator(u, thr.view(-1, *([1] * (u.ndim - 1))) if thr.ndim else thr)
         weight = derived.base + derived.scale * s

@@ -42,22 +42,25 @@ from .distributed import SyncDist, global_mean, resolve_group
 from .engines import region_loss
 from .regions import UncertaintyWeight, resolve_threshold
 from .schedules import (
+    MAP_THRESHOLDS,
     Numeric,
     RatioSchedule,
+    RelativeThreshold,
     Schedule,
     as_schedule,
     rampup_schedule,
-    uamt_threshold_schedule,
 )
 
 __all__ = ["BidirectionalParts", "bidirectional_loss", "check_bidirectional_options"]
 
-Threshold = Union[float, torch.Tensor, Schedule, RatioSchedule]
+Threshold = Union[float, torch.Tensor, Schedule, RatioSchedule, RelativeThreshold]
 
 DEFAULT_TOTAL_STEPS = 30000
 """SSL4MIS's maximum iterations, the default ramp length when ``total_steps`` is not given."""
 DEFAULT_CONSISTENCY = 0.1
 """UA-MT / SSL4MIS consistency weight."""
+DEFAULT_THRESHOLD = RelativeThreshold(1.0, per_sample=True)
+"""Both regions' default: each image's own mean uncertainty (see ``relative_threshold``)."""
 
 
 class BidirectionalParts(NamedTuple):
@@ -89,8 +92,8 @@ class BidirectionalParts(NamedTuple):
         >>> zl, y = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8))
         >>> zu, zt = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
         >>> loss, parts = bidirectional_loss(zl, y, zu, zt, step=1000, return_parts=True)
-        >>> parts.high_threshold.shape, parts.unlabeled_low_fraction.shape
-        (torch.Size([]), torch.Size([]))
+        >>> parts.high_threshold.shape, parts.unlabeled_low_fraction.shape  # one per image
+        (torch.Size([2]), torch.Size([]))
         >>> lam = parts.consistency_weight
         >>> bool(torch.allclose(loss, parts.labeled_loss + lam * parts.unlabeled_loss))
         True
@@ -106,14 +109,15 @@ class BidirectionalParts(NamedTuple):
 
 
 def _require_threshold_option(value: Any, name: str) -> None:
-    if value is None or isinstance(value, (torch.Tensor, RatioSchedule)) or callable(value):
+    if value is None or isinstance(value, (torch.Tensor, *MAP_THRESHOLDS)) or callable(value):
         return
     if isinstance(value, Real) and not isinstance(value, bool):
         if value != value:
             raise ValueError(f"`{name}` must not be NaN (+-inf are allowed), got nan.")
         return
     raise TypeError(
-        f"`{name}` must be a number, a tensor, a Schedule, a RatioSchedule or None, "
+        f"`{name}` must be a number, a tensor, a Schedule, a RatioSchedule, a RelativeThreshold "
+        "or None, "
         f"got {type(value).__name__}."
     )
 
@@ -214,7 +218,7 @@ def _number_threshold(region: _Region, step: Numeric) -> Optional[float]:
     """The threshold as a Python number when it is one (or a Schedule gives one at ``step``):
     compared as a scalar, it costs no kernel."""
     value: Any = region.threshold
-    if callable(value) and not isinstance(value, (torch.Tensor, RatioSchedule)):
+    if callable(value) and not isinstance(value, (torch.Tensor, *MAP_THRESHOLDS)):
         value = value(step)
         if isinstance(value, Real) and value != value:
             raise ValueError(
@@ -258,22 +262,43 @@ def _branch(
     step: Numeric,
     uncertainty: Optional[torch.Tensor],
     teacher: Optional[torch.Tensor],
+    report: bool,
 ) -> tuple[torch.Tensor, Union[float, torch.Tensor], torch.Tensor]:
-    """One branch through the engine entrance: its loss, threshold and region fraction.
+    """One branch through the engine entrance: its loss, threshold (exact when ``report``)
+    and region fraction.
 
     The uncertainty is the caller's map, else the normalised entropy of ``teacher`` (if given)
-    or of the detached ``logits``. Without a map, and unless the threshold is a ratio (which
-    needs the whole map), the engine derives the region weight from the probabilities it
-    computes anyway: no ``(B, *S)`` map or weight is allocated.
+    or of the detached ``logits``. Without a map the engine derives the region weight from the
+    probabilities it computes anyway, so no ``(B, *S)`` weight is allocated, and resolves a
+    per-sample relative threshold from the same entropy; a batch-wide relative threshold (its
+    mean may span the ranks) and a ratio (an order statistic) take the whole map.
     """
     b, _, *spatial = logits.shape
     dtype = accumulation_dtype(logits.dtype)
     group = spec.group
     u = uncertainty
-    if u is None and isinstance(region.threshold, RatioSchedule):
+    thr: Union[float, torch.Tensor, None] = None
+    relative = isinstance(region.threshold, RelativeThreshold) and region.threshold.per_sample
+    if u is None and relative:
+        # the engine takes each sample's mean from the entropy it computes anyway; the value is
+        # computed again only to be reported
+        factor = cast(RelativeThreshold, region.threshold)(step)
+        derived = region.weight(factor)._replace(relative=True)
+        loss, mass = region_loss(
+            logits, target, None, opts, spec,
+            impl=impl, validate=validate, derived=derived, teacher=teacher,
+        )  # fmt: skip
+        assert mass is not None  # a derived weight always has one
+        if report:
+            source = normalized_entropy(logits if teacher is None else teacher)
+            thr = _flat_threshold(cast(torch.Tensor, derived.absolute(source).threshold))
+        return loss, 0.0 if thr is None else thr, global_mean(mass, math.prod(spatial) * b, group)
+    if u is None and isinstance(region.threshold, MAP_THRESHOLDS):
+        # a batch mean over the ranks, or a ratio: from the whole map
         u = normalized_entropy(logits if teacher is None else teacher)
     if u is None:
-        thr: Union[float, torch.Tensor, None] = _number_threshold(region, step)
+        if thr is None:
+            thr = _number_threshold(region, step)
         if thr is None:
             # resolve_threshold reads only the shape of the map for these thresholds: a (B, *S)
             # broadcast of one element stands in for it (no memory, the true shapes in messages)
@@ -370,6 +395,7 @@ def _labeled_branch(
     step: Numeric,
     teacher: Optional[torch.Tensor],
     uncertainty: Optional[torch.Tensor],
+    report: bool,
 ) -> tuple[torch.Tensor, Union[float, torch.Tensor], torch.Tensor]:
     """The labeled branch: its uncertainty from the caller's map, the teacher's logits or the
     detached student."""
@@ -393,7 +419,7 @@ def _labeled_branch(
         u_l = _uncertainty_map(uncertainty, zl, "labeled_uncertainty", validate)
     return _branch(
         zl, labels, opts, spec, region, impl=impl, validate=validate, step=step,
-        uncertainty=u_l, teacher=teacher,
+        uncertainty=u_l, teacher=teacher, report=report,
     )  # fmt: skip
 
 
@@ -596,9 +622,8 @@ def bidirectional_loss(
         device = cast(torch.Tensor, present).device
         dtype = torch.float32 if device.type == "mps" else torch.float64  # as exact as a float
         step = torch.scalar_tensor(step, dtype=dtype, device=device)
-    default_threshold = uamt_threshold_schedule(total_steps, base="normalized")
-    tau_h = default_threshold if high_threshold is None else high_threshold
-    tau_l = default_threshold if low_threshold is None else low_threshold
+    tau_h = DEFAULT_THRESHOLD if high_threshold is None else high_threshold
+    tau_l = DEFAULT_THRESHOLD if low_threshold is None else low_threshold
     lam_schedule = (
         rampup_schedule(DEFAULT_CONSISTENCY, total_steps)
         if consistency_weight is None
@@ -622,7 +647,7 @@ def bidirectional_loss(
         opts = parse_options(zl, labels, None, ignore_index=ignore_index, **parse)
         loss_l, thr_h, frac_h = _labeled_branch(
             zl, labels, opts, spec, high, impl=impl, validate=validate, step=step,
-            teacher=teacher_labeled_logits, uncertainty=labeled_uncertainty,
+            teacher=teacher_labeled_logits, uncertainty=labeled_uncertainty, report=return_parts,
         )  # fmt: skip
     else:
         _require_absent(teacher_labeled_logits, "teacher_labeled_logits")
@@ -649,7 +674,7 @@ def bidirectional_loss(
     opts_u = opts._replace(kind="labels", ignore_index=None)
     loss_u, thr_l, frac_l = _branch(
         zu, None, opts_u, spec, low, impl=impl, validate=validate, step=step,
-        uncertainty=u_u, teacher=zt,
+        uncertainty=u_u, teacher=zt, report=return_parts,
     )  # fmt: skip
     if not has_labeled:
         return _result(None, loss_u, lam, 0.0, thr_l, 0.0, frac_l, return_parts)

@@ -62,6 +62,7 @@ from ._core import (
     RegionStats,
     accumulation_dtype,
     finish,
+    normalized_entropy,
     refuse_higher_order,
     write_into,
 )
@@ -777,6 +778,12 @@ def fused_loss(
 ) -> tuple[torch.Tensor, RegionStats, Optional[torch.Tensor]]:
     """The engine entry (see [`bual_losses.engines`][]): ``(loss, stats, mass)``, the mass of
     the derived indicator summed over the batch (None without a derived weight)."""
+    if derived is not None and derived.relative:
+        # the chunks need the threshold before the pass: the map's mean, from a streamed map
+        # that is dropped before the pass allocates its buffers
+        u = normalized_entropy(logits if teacher is None else teacher)
+        derived = derived.absolute(u)
+        del u
     if derived is not None and not isinstance(derived.threshold, torch.Tensor):
         thr = torch.tensor(derived.threshold, dtype=accumulation_dtype(logits.dtype))
         derived = derived._replace(threshold=thr.to(logits.device))

@@ -46,7 +46,13 @@ from bual_losses._validation import (
     shape_str,
 )
 from bual_losses.distributed import SyncDist, all_gather_variable, global_mean, resolve_group
-from bual_losses.schedules import Numeric, RatioSchedule, Schedule
+from bual_losses.schedules import (
+    MAP_THRESHOLDS,
+    Numeric,
+    RatioSchedule,
+    RelativeThreshold,
+    Schedule,
+)
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -63,7 +69,7 @@ __all__ = [
     "valid_mask",
 ]
 
-Threshold = Union[float, torch.Tensor, Schedule, RatioSchedule]
+Threshold = Union[float, torch.Tensor, Schedule, RatioSchedule, RelativeThreshold]
 """Everything a region function accepts as ``threshold``."""
 
 
@@ -114,6 +120,9 @@ def _resolve(
     if isinstance(threshold, RatioSchedule):
         ratio = threshold(_require_step(step, "a RatioSchedule"))
         return _ratio_threshold(u, ratio, per_sample=threshold.per_sample, group=group)
+    if isinstance(threshold, RelativeThreshold):
+        factor = threshold(_require_step(step, "a RelativeThreshold"))
+        return _relative_threshold(u, factor, per_sample=threshold.per_sample, group=group)
     if isinstance(threshold, torch.Tensor):
         return _threshold_from_tensor(u, threshold)
     if isinstance(threshold, Real) and not isinstance(threshold, bool):
@@ -124,14 +133,15 @@ def _resolve(
         return torch.full((), value, dtype=u.dtype, device=u.device)
     if callable(threshold):
         value = threshold(_require_step(step, "a Schedule"))
-        if callable(value) or isinstance(value, RatioSchedule):
+        if callable(value) or isinstance(value, MAP_THRESHOLDS):
             raise TypeError(
                 "`threshold` schedule must return a number or a tensor, "
                 f"got {type(value).__name__}."
             )
         return _resolve(u, value, None)
     raise TypeError(
-        "`threshold` must be a number, a tensor, a Schedule or a RatioSchedule, "
+        "`threshold` must be a number, a tensor, a Schedule, a RatioSchedule or a "
+        "RelativeThreshold, "
         f"got {type(threshold).__name__}."
     )
 
@@ -140,6 +150,19 @@ def _require_step(step: Optional[Numeric], what: str) -> Numeric:
     if step is None:
         raise ValueError(f"`step` is required when `threshold` is {what}, got None.")
     return step
+
+
+def _relative_threshold(
+    u: torch.Tensor, factor: Any, *, per_sample: bool, group: Optional[ProcessGroup] = None
+) -> torch.Tensor:
+    """``factor * mean(u)``, per sample as ``(B, 1, ..., 1)`` or over the (global) batch as 0-d,
+    in the map's dtype; the mean accumulates in float32 at least."""
+    acc = torch.promote_types(u.dtype, torch.float32)
+    if per_sample:
+        mean = u.mean(dim=tuple(range(1, u.ndim)), keepdim=True, dtype=acc)
+    else:
+        mean = global_mean(u.sum(dtype=acc), u.numel(), group)
+    return (mean * factor).to(u.dtype)
 
 
 def _ratio_dtype(device: torch.device) -> torch.dtype:
@@ -558,6 +581,9 @@ class UncertaintyWeight(NamedTuple):
         base: the weight outside the region (``s = 0``).
         scale: the weight added inside the region (``w = base + scale`` where ``s = 1``).
         temperature: ``None`` for the hard indicator, else the temperature of the sigmoid.
+        relative: ``threshold`` is a factor of each sample's mean ``u`` (a per-sample
+            [`RelativeThreshold`][bual_losses.schedules.RelativeThreshold]), made absolute by
+            the engine from the map it computes.
 
     Examples:
         >>> import torch
@@ -576,6 +602,15 @@ class UncertaintyWeight(NamedTuple):
     base: float = 1.0
     scale: float = 1.0
     temperature: Optional[float] = None
+    relative: bool = False
+
+    def absolute(self, u: torch.Tensor) -> UncertaintyWeight:
+        """The same weight with an absolute threshold: a relative one times each sample's mean
+        of the map ``u`` (B, *S), shape (B,)."""
+        if not self.relative:
+            return self
+        mean = u.reshape(u.shape[0], -1).mean(dim=1)
+        return self._replace(threshold=mean * self.threshold, relative=False)
 
     def indicator(self, u: torch.Tensor, threshold: Union[float, torch.Tensor]) -> torch.Tensor:
         """Region membership ``s`` in [0, 1]; ``threshold`` shaped to broadcast against ``u``."""

@@ -39,6 +39,7 @@ from bual_losses._validation import (
 __all__ = [
     "Numeric",
     "RatioSchedule",
+    "RelativeThreshold",
     "Schedule",
     "as_schedule",
     "constant_schedule",
@@ -48,6 +49,7 @@ __all__ = [
     "linear_schedule",
     "rampup_schedule",
     "ratio_schedule",
+    "relative_threshold",
     "sigmoid_rampup",
     "uamt_threshold_schedule",
 ]
@@ -601,6 +603,89 @@ def ratio_schedule(ratio: Union[float, Schedule], *, per_sample: bool = True) ->
         (0.3, False)
     """
     return RatioSchedule(ratio, per_sample=per_sample)
+
+
+@dataclasses.dataclass(frozen=True)
+class RelativeThreshold:
+    r"""A threshold relative to the map's own uncertainty: ``tau = f(t) * mean(u)``.
+
+    The mean is taken per sample (``per_sample=True``, one threshold each) or over the whole
+    batch. The region ``u > tau`` is then "more uncertain than this image's average" (for
+    ``f = 1``): it follows the model as it grows confident, so it neither swallows every voxel
+    early in training nor vanishes late, as a fixed fraction of the maximum entropy does. It is
+    the stateless form of FreeMatch's self-adaptive threshold (Wang et al., ICLR 2023), which
+    tracks the model's mean confidence. Only a constant map (every voxel equally uncertain) has
+    an empty high region.
+
+    Calling the object evaluates the factor at a step, like any
+    [`Schedule`][bual_losses.schedules.Schedule].
+
+    Attributes:
+        factor: ``f >= 0``, a number (checked here) or a schedule giving it.
+        per_sample: one mean per sample (``True``) or one over the batch (with ``sync_dist``:
+            over the global batch).
+
+    Raises:
+        TypeError: if ``factor`` is neither a number nor callable, or ``per_sample`` is not bool.
+        ValueError: if a constant ``factor`` is negative or not finite.
+
+    Examples:
+        >>> above_average = RelativeThreshold()
+        >>> above_average(100), above_average.per_sample
+        (1.0, True)
+    """
+
+    factor: Union[float, Schedule] = 1.0
+    per_sample: bool = True
+
+    def __post_init__(self) -> None:
+        if not callable(self.factor):
+            if isinstance(self.factor, bool) or not isinstance(self.factor, (Real, torch.Tensor)):
+                raise TypeError(
+                    "`factor` must be a number >= 0 or a Schedule, "
+                    f"got {type(self.factor).__name__}."
+                )
+            object.__setattr__(self, "factor", require_nonnegative_number(self.factor, "factor"))
+        if not isinstance(self.per_sample, bool):
+            raise TypeError(f"`per_sample` must be a bool, got {type(self.per_sample).__name__}.")
+
+    def __call__(self, step: Numeric) -> Numeric:
+        if callable(self.factor):
+            return self.factor(step)
+        if isinstance(step, torch.Tensor):
+            return torch.full_like(_float_step(step), self.factor)
+        return self.factor
+
+
+def relative_threshold(
+    factor: Union[float, Schedule] = 1.0, *, per_sample: bool = True
+) -> RelativeThreshold:
+    r"""Threshold the uncertainty at a multiple of its own mean: the region adapts to the model.
+
+    $$ \tau_t = f(t)\;\frac{1}{N}\sum_{x} u(x) $$
+
+    over the voxels of each sample (``per_sample=True``) or of the batch. The default of
+    [`bidirectional_loss`][bual_losses.bidirectional.bidirectional_loss] for both regions
+    (``f = 1``): labeled voxels more uncertain than their image's average are emphasised,
+    unlabeled voxels more uncertain than theirs are not trusted.
+
+    Args:
+        factor: ``f >= 0``: a number or a [`Schedule`][bual_losses.schedules.Schedule].
+        per_sample: one threshold per sample (``True``) or one for the batch.
+
+    Returns:
+        A [`RelativeThreshold`][bual_losses.schedules.RelativeThreshold].
+
+    Examples:
+        >>> relative_threshold(1.5, per_sample=False)
+        RelativeThreshold(factor=1.5, per_sample=False)
+    """
+    return RelativeThreshold(factor, per_sample=per_sample)
+
+
+MAP_THRESHOLDS = (RatioSchedule, RelativeThreshold)
+"""Threshold kinds resolved from the uncertainty map itself (callable, but not plain
+schedules: region functions test for them before treating a callable as a Schedule)."""
 
 
 def as_schedule(value: Union[float, Schedule], *, name: str = "value") -> Schedule:

@@ -28,6 +28,7 @@ from bual_losses import (
     BidirectionalLoss,
     BidirectionalParts,
     RatioSchedule,
+    RelativeThreshold,
     bidirectional_loss,
     entropy_map,
     high_uncertainty_mask,
@@ -38,7 +39,6 @@ from bual_losses import (
     region_ce_dice_loss,
     sigmoid_rampup,
     soft_uncertainty_weight,
-    uamt_threshold_schedule,
 )
 from tests.strategies import seeds
 
@@ -136,8 +136,23 @@ def _map(u: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return u[:, 0] if u.ndim == logits.ndim else u
 
 
+def _relative(u: torch.Tensor, threshold: Any, step: Any) -> Any:
+    """``None`` (the default) and a RelativeThreshold as a plain tensor threshold: ``f`` times
+    each sample's mean uncertainty, ``(B, 1, ..., 1)``, or the batch mean, 0-d."""
+    if threshold is None:
+        threshold = RelativeThreshold()
+    if not isinstance(threshold, RelativeThreshold):
+        return threshold
+    factor = threshold(step)
+    if not threshold.per_sample:
+        return factor * u.mean()
+    return factor * u.reshape(u.shape[0], -1).mean(dim=1).view(-1, *([1] * (u.ndim - 1)))
+
+
 def _threshold_value(u: torch.Tensor, threshold: Any, step: Any) -> torch.Tensor:
     """The threshold the parts should report: 0-d, or (B,) per sample."""
+    if isinstance(threshold, torch.Tensor) and threshold.ndim > 1:
+        return threshold.reshape(threshold.shape[0]).to(F64)
     if isinstance(threshold, RatioSchedule):
         thr = ratio_threshold(u, threshold(step), per_sample=threshold.per_sample)
         return thr.reshape(u.shape[0]) if threshold.per_sample else thr
@@ -180,16 +195,13 @@ def oracle(
     **loss_options: Any,
 ) -> Expected:
     del impl, validate  # the oracle always uses the reference region loss
-    default = uamt_threshold_schedule(total_steps)
-    tau_h = default if high_threshold is None else high_threshold
-    tau_l = default if low_threshold is None else low_threshold
-
     # labeled: w_l = 1 + alpha * [u_l > tau_h] (or its soft version)
     if labeled_uncertainty is not None:
         u_l = _map(labeled_uncertainty, zl)
     else:
         source = zl if teacher_labeled_logits is None else teacher_labeled_logits
         u_l = entropy_map(source.detach(), from_logits=True, normalize=True)
+    tau_h = _relative(u_l, high_threshold, step)
     s_l = _indicator(u_l, tau_h, step, temperature, high=True)
     w_l = 1 + alpha * s_l
     labeled = region_ce_dice_loss(
@@ -215,6 +227,7 @@ def oracle(
         u_u = _map(unlabeled_uncertainty, zu)
     else:
         u_u = entropy_map(teacher, from_logits=True, normalize=True)
+    tau_l = _relative(u_u, low_threshold, step)
     s_u = _indicator(u_u, tau_l, step, temperature, high=False)
     w_u = beta + (1 - beta) * s_u
     unlabeled = region_ce_dice_loss(zu, pseudo, w_u, impl="reference", **loss_options)
@@ -521,14 +534,16 @@ def test_multiclass_pseudo_label_is_teacher_argmax() -> None:
         torch.testing.assert_close(parts.unlabeled_loss, unlabeled, **TIGHT)
 
 
-def test_default_schedules_are_uamt() -> None:
-    """Default thresholds ``0.75 + 0.25 r(t)`` (normalised entropy) and weight ``0.1 r(t)``."""
+def test_default_thresholds_are_each_images_mean_uncertainty() -> None:
+    """Default thresholds: the mean normalised entropy of each image (labeled: the detached
+    student's, unlabeled: the teacher's); default weight ``0.1 r(t)`` (UA-MT / SSL4MIS)."""
     zl, y, zu, zt = make_batch()
     for step in (0, 30, 100, 1000):
         _, parts = bidirectional_loss(zl, y, zu, zt, step=step, total_steps=100, return_parts=True)
+        for logits, thr in ((zl, parts.high_threshold), (zt, parts.low_threshold)):
+            u = entropy_map(logits, from_logits=True, normalize=True)
+            torch.testing.assert_close(thr, u.flatten(1).mean(1), **TIGHT)
         ramp = sigmoid_rampup(step, 100)
-        assert parts.high_threshold.item() == pytest.approx(0.75 + 0.25 * ramp, abs=1e-15)
-        assert parts.low_threshold.item() == pytest.approx(0.75 + 0.25 * ramp, abs=1e-15)
         assert parts.consistency_weight.item() == pytest.approx(0.1 * ramp, abs=1e-15)
     _, parts = bidirectional_loss(zl, y, zu, zt, step=15000, return_parts=True)
     assert parts.consistency_weight.item() == pytest.approx(0.1 * sigmoid_rampup(15000, 30000))
@@ -674,7 +689,9 @@ def test_parts_are_tensors_and_compose_the_loss(impl: str) -> None:
     for name in PART_FIELDS:
         value = getattr(parts, name)
         assert isinstance(value, torch.Tensor), name
-        assert value.shape == (), name
+        # the default thresholds are per sample
+        shape = {"high_threshold": (batch.zl.shape[0],), "low_threshold": (batch.zu.shape[0],)}
+        assert value.shape == shape.get(name, ()), name
         assert not value.requires_grad or name in ("labeled_loss", "unlabeled_loss"), name
     torch.testing.assert_close(
         loss, parts.labeled_loss + parts.consistency_weight * parts.unlabeled_loss, **TIGHT
@@ -1017,7 +1034,8 @@ BAD_CALLS: dict[str, tuple[type[Exception], str, dict[str, Any]]] = {
     "temperature_string": (TypeError, "`temperature` must be a number", dict(temperature="0.1")),
     "high_threshold_string": (
         TypeError,
-        "`high_threshold` must be a number, a tensor, a Schedule, a RatioSchedule or None, got str",
+        "`high_threshold` must be a number, a tensor, a Schedule, a RatioSchedule, a "
+        "RelativeThreshold or None, got str",
         dict(high_threshold="0.5"),
     ),
     "low_threshold_list": (
@@ -1254,7 +1272,7 @@ def test_resolved_per_sample_threshold_shape_works_in_both_impls() -> None:
 def test_constant_consistency_weight_is_exact_with_an_integer_tensor_step() -> None:
     batch = make_batch(seed=32)
     _, parts = bidirectional_loss(
-        *batch, step=torch.tensor(3), consistency_weight=0.375, return_parts=True
+        *batch, step=torch.tensor(3), consistency_weight=0.3, return_parts=True
     )
     assert parts.consistency_weight.item() == 0.3
 

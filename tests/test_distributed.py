@@ -206,11 +206,19 @@ def _ratios(x: Inputs, sync: Any) -> Outputs:
     }
 
 
-def _parts(loss: torch.Tensor, parts: Any, local_low: bool = False) -> Outputs:
+def _parts(
+    loss: torch.Tensor, parts: Any, local_low: bool = False, local_high: bool = False
+) -> Outputs:
+    """The parts as outputs; per-sample thresholds are rows of this rank's labeled (``l:``) or
+    unlabeled (``u:``) images."""
     out = {"loss": loss}
     for name, value in parts._asdict().items():
-        local = local_low and name == "low_threshold"
-        out[("u:" if local else "") + name] = value
+        prefix = ""
+        if local_low and name == "low_threshold":
+            prefix = "u:"
+        elif local_high and name == "high_threshold":
+            prefix = "l:"
+        out[prefix + name] = value
     return out
 
 
@@ -220,7 +228,8 @@ def _bidirectional_defaults(impl: str) -> Case:
             x["zl"], x["y"], x["zu"], x["zt"],
             step=2000, total_steps=3000, impl=impl, return_parts=True, sync_dist=sync,
         )  # fmt: skip
-        return _parts(loss, parts)
+        # the default thresholds are each image's own mean uncertainty: per sample, per rank
+        return _parts(loss, parts, local_low=True, local_high=True)
 
     return Case(fn)
 
@@ -259,7 +268,7 @@ def _bidirectional_labeled_only(x: Inputs, sync: Any) -> Outputs:
     loss, parts = bidirectional_loss(
         x["zl"], x["y"], None, None, step=2000, total_steps=3000, return_parts=True, sync_dist=sync
     )
-    return _parts(loss, parts)
+    return _parts(loss, parts, local_high=True)
 
 
 def _on_the_accelerator_engine(case: Case) -> Case:

@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 f"labeled {parts.labeled_loss.item():.4f}  "
                 f"unlabeled {parts.unlabeled_loss.item():.4f}  "
                 f"lambda {parts.consistency_weight.item():.5f}  "
-                f"tau {parts.low_threshold.item():.3f}  "
+                f"tau {parts.low_threshold.mean().item():.3f}  "  # one per unlabeled image
                 f"trusted {parts.unlabeled_low_fraction.item():.1%}  "
                 f"emphasised {parts.labeled_high_fraction.item():.1%}"
             )
