@@ -201,6 +201,17 @@ class SlabSplit:
     test: tuple[int, int] = (125, 150)
     gap: int = 3  # slices left out on each side of a labeled slice
 
+    def check(self) -> None:
+        """Raise ``DataError`` unless the slabs are ordered, disjoint and inside the volume."""
+        slabs = [self.train, self.val, self.test]
+        for (a0, a1), (b0, b1) in zip(slabs, slabs[1:]):
+            if not (0 <= a0 < a1 <= b0 < b1 <= MNI_SHAPE[2]):
+                raise DataError(
+                    f"slabs [start, stop) must be ordered and disjoint inside the volume's "
+                    f"{MNI_SHAPE[2]} slices, got train {self.train}, val {self.val}, "
+                    f"test {self.test}."
+                )
+
 
 def mni_data(
     *,
@@ -212,10 +223,7 @@ def mni_data(
     data_seed: int = 0,
 ) -> SliceData:
     """Axial slices of the MNI ICBM152 2009a T1 with background/CSF, GM, WM labels."""
-    starts = [split.train, split.val, split.test]
-    for (a0, a1), (b0, b1) in zip(starts, starts[1:]):
-        if not (0 <= a0 < a1 <= b0 < b1 <= MNI_SHAPE[2]):
-            raise DataError(f"slabs must be ordered and disjoint inside the volume, got {split}.")
+    split.check()
     z0, z1 = split.train[0], split.test[1]
     image, label = load_mni((z0, z1))
     image = corrupt_volume(image, data_seed, strength=corruption, full_shape=MNI_SHAPE,

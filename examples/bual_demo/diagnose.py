@@ -41,7 +41,7 @@ from torch import nn
 from bual_losses import ErrorDetectionAccumulator, entropy_map, mc_dropout_uncertainty
 from bual_losses.pseudo import pseudo_labels
 
-from .__main__ import build_parser, load_data
+from .__main__ import load_data, parse_args
 from .data import DataError, SliceData
 from .model import UNet2D
 from .report import LABELS
@@ -297,7 +297,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--mc-passes", type=int, default=8, help="MC-dropout passes (default 8)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     args, rest = p.parse_known_args(argv)
-    data_args = build_parser().parse_args(rest)
+    data_args = parse_args(rest)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     start = time.perf_counter()

@@ -35,6 +35,8 @@ from .model import UNet2D, ema_update, make_teacher
 from .runfolder import load_checkpoint
 
 SEMI = ("mean_teacher", "uamt", "bual")
+#: ``bual_uncertainty``: the library's entropy of the teacher, or UA-MT's MC-dropout estimate.
+UNCERTAINTIES = ("entropy", "mc")
 
 
 @dataclasses.dataclass
