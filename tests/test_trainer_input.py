@@ -8,11 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import examples.bual_demo.__main__ as cli
 from examples.bual_demo.__main__ import main
-from tests.test_examples import TINY
 
 # ------------------------------------------------------------------------------ flags
 
@@ -57,7 +55,8 @@ def test_bad_flags_stop_before_any_data_with_status_2_and_one_line(
 
 def test_good_flags_pass_the_checks() -> None:
     args = cli.parse_args(["--size", "64", "32", "--levels", "4", "--ema-decay", "0",
-                           "--bual-uncertainty", "mc", "--iterations", "1", "--seeds", "1"])  # fmt: skip
+                           "--bual-uncertainty", "mc", "--iterations", "1",
+                           "--seeds", "1"])  # fmt: skip
     assert args.iterations == 1 and args.seeds == 1 and args.bual_uncertainty == "mc"
 
 
@@ -79,3 +78,81 @@ def test_diagnose_checks_the_data_flags_the_same_way(
         diagnose_main(["--run-dir", str(tmp_path), "--size", "30", "32"])
     assert info.value.code == 2
     assert "argument --size" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------------------------------ users' files
+
+
+def _nifti(path: Path, array: np.ndarray) -> None:
+    nib = pytest.importorskip("nibabel")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, np.eye(4)), str(path))
+
+
+def _h5(path: Path, image: np.ndarray, label: np.ndarray) -> None:
+    h5py = pytest.importorskip("h5py")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f["image"], f["label"] = image, label
+
+
+def _data_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The one line ``main`` prints for a data error (exit status 2, no traceback)."""
+    assert main([*argv, "--size", "16", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    return err
+
+
+def test_a_text_file_named_nii_gz_is_named(tmp_path: Path, capsys) -> None:
+    label = np.zeros((16, 16, 6), np.uint8)
+    _nifti(tmp_path / "labels" / "case.nii.gz", label)
+    fake = tmp_path / "images" / "case.nii.gz"
+    fake.parent.mkdir()
+    fake.write_text("this is not an image")
+    err = _data_error(["--nifti-dir", str(tmp_path)], capsys)
+    assert f"{fake} is not a readable NIfTI file" in err
+    # a truncated one (the first half of a real file) likewise
+    _nifti(fake, np.ones((16, 16, 6), np.float32))
+    fake.write_bytes(fake.read_bytes()[: fake.stat().st_size // 2])
+    assert f"{fake} is not a readable NIfTI file" in _data_error(["--nifti-dir", str(tmp_path)],
+                                                                  capsys)  # fmt: skip
+
+
+def test_a_non_hdf5_file_is_named(tmp_path: Path, capsys) -> None:
+    fake = tmp_path / "case_slice_1.h5"
+    fake.write_text("not HDF5")
+    assert f"{fake} is not a readable HDF5 file" in _data_error(["--h5-dir", str(tmp_path)], capsys)
+
+
+def _ssl4mis_acdc(folder: Path) -> None:
+    """SSL4MIS's ACDC layout: 3D volumes on top, the same data as 2D slices in slices/."""
+    rng = np.random.default_rng(0)
+    for case in ("patient001_frame01", "patient002_frame01", "patient003_frame01"):
+        image = rng.normal(size=(5, 16, 16)).astype(np.float32)
+        label = rng.integers(0, 3, (5, 16, 16)).astype(np.uint8)
+        _h5(folder / f"{case}.h5", image, label)
+        for z in range(5):
+            _h5(folder / "slices" / f"{case}_slice_{z}.h5", image[z], label[z])
+
+
+def test_h5_dir_reads_the_top_level_only(tmp_path: Path) -> None:
+    from examples.bual_demo.data import DataError, read_h5_dir
+
+    _ssl4mis_acdc(tmp_path)
+    cases = read_h5_dir(tmp_path)  # was: volumes and slices/ together, 10 slices per case
+    assert [len(c[1]) for c in cases] == [5, 5, 5]
+    cases = read_h5_dir(tmp_path / "slices")
+    assert [c[0] for c in cases] == ["patient001_frame01", "patient002_frame01",
+                                     "patient003_frame01"] and len(cases[0][1]) == 5  # fmt: skip
+    # only subfolders hold files: say where they are
+    (tmp_path / "nested").mkdir()
+    (tmp_path / "slices").rename(tmp_path / "nested" / "slices")
+    with pytest.raises(DataError, match=r"subfolders are not read; found some in .*slices"):
+        read_h5_dir(tmp_path / "nested")
+    # a volume and slices of the same case side by side: refused, naming both
+    (tmp_path / "nested" / "slices" / "patient001_frame01.h5").write_bytes(
+        (tmp_path / "patient001_frame01.h5").read_bytes()
+    )
+    with pytest.raises(DataError, match=r"patient001_frame01 mixes a 3D volume .* and 2D slices"):
+        read_h5_dir(tmp_path / "nested" / "slices")

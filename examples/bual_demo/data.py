@@ -291,11 +291,25 @@ def _check_pair(image: np.ndarray, label: np.ndarray, source: str) -> None:
 _NIFTI = re.compile(r"^(?P<case>.+?)(_0000)?\.nii(\.gz)?$")
 
 
+def _unreadable(path: Path, kind: str, err: BaseException) -> DataError:
+    first = str(err).strip().splitlines()
+    reason = first[0][:200] if first else type(err).__name__
+    return DataError(f"{path} is not a readable {kind} file ({reason}).")
+
+
+def _read_nifti(path: Path, dtype: Optional[type] = None) -> np.ndarray:
+    """The array of one NIfTI file; any failure to read it names the file."""
+    import nibabel as nib
+
+    try:
+        return np.asarray(nib.load(path).dataobj, dtype=dtype)
+    except Exception as err:  # nibabel, gzip and zlib raise many types for a broken file
+        raise _unreadable(path, "NIfTI", err) from None
+
+
 def read_nifti_dir(folder: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Cases ``(name, image, label)`` from ``folder/images/NAME.nii[.gz]`` and
     ``folder/labels/NAME.nii[.gz]`` (an nnU-Net ``_0000`` suffix on images is accepted)."""
-    import nibabel as nib
-
     folder = Path(folder)
     images_dir, labels_dir = folder / "images", folder / "labels"
     for d in (images_dir, labels_dir):
@@ -318,8 +332,8 @@ def read_nifti_dir(folder: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
             raise DataError(
                 f"missing label for {p}: expected {labels_dir / (m['case'] + '.nii.gz')}."
             )
-        image = np.asarray(nib.load(p).dataobj, dtype=np.float32)
-        label = np.asarray(nib.load(labels[m["case"]]).dataobj)
+        image = _read_nifti(p, np.float32)
+        label = _read_nifti(labels[m["case"]])
         _check_pair(image, label, f"{p.name} / {labels[m['case']].name}")
         label = _check_labels(label, str(labels[m["case"]]))
         if image.ndim == 3:  # axial slices along the last axis -> (Z, X, Y)
@@ -338,30 +352,49 @@ _SLICE = re.compile(r"^(?P<case>.+?)(_slice_?\d+)?\.h5$")
 def read_h5_dir(folder: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Cases from SSL4MIS-style ``*.h5`` files with ``image`` and ``label`` datasets.
 
-    2D files (``patient001_frame01_slice_3.h5``) are grouped into a case by the name before
-    ``_slice_N``; a 3D file is one case sliced along its first axis.
+    Only the files directly in ``folder`` are read, never its subfolders: SSL4MIS's ACDC folder
+    holds the 3D volumes and, in ``slices/``, the same data again as 2D slices. 2D files
+    (``patient001_frame01_slice_3.h5``) are grouped into a case by the name before
+    ``_slice_N``; a 3D file is one case sliced along its first axis. A case made of both (a 3D
+    file and 2D slices of the same name) is refused.
     """
     import h5py
 
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"missing folder {folder} (--h5-dir).")
-    files = sorted(folder.rglob("*.h5"))
+    files = sorted(p for p in folder.glob("*.h5") if p.is_file())
     if not files:
-        raise DataError(f"no *.h5 files found in {folder}.")
+        below = sorted({p.parent for p in folder.rglob("*.h5")})
+        hint = f" (subfolders are not read; found some in {below[0]})" if below else ""
+        raise DataError(f"no *.h5 files found in {folder}{hint}.")
     grouped: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    dims: dict[str, dict[int, Path]] = {}
     for p in files:
-        with h5py.File(p, "r") as f:
-            for key in ("image", "label"):
-                if key not in f:
-                    raise DataError(f"{p}: missing dataset '{key}' (found {sorted(f.keys())}).")
-            image, label = np.asarray(f["image"], dtype=np.float32), np.asarray(f["label"])
+        try:
+            with h5py.File(p, "r") as f:
+                found = sorted(f.keys())
+                if "image" in found and "label" in found:
+                    image = np.asarray(f["image"], dtype=np.float32)
+                    label = np.asarray(f["label"])
+        except (OSError, KeyError, ValueError, TypeError) as err:  # not HDF5, truncated, ...
+            raise _unreadable(p, "HDF5", err) from None
+        for key in ("image", "label"):
+            if key not in found:
+                raise DataError(f"{p}: missing dataset '{key}' (found {found}).")
         _check_pair(image, label, str(p))
         label = _check_labels(label, str(p))
         m = _SLICE.match(p.name)
         case = m["case"] if m else p.stem
         num = re.findall(r"\d+", p.stem)
         order = int(num[-1]) if num else 0
+        dims.setdefault(case, {}).setdefault(image.ndim, p)
+        if len(dims[case]) > 1:
+            raise DataError(
+                f"case {case} mixes a 3D volume ({dims[case][3]}) and 2D slices "
+                f"({dims[case][2]}): put one kind in --h5-dir (SSL4MIS keeps the slices in "
+                "slices/)."
+            )
         if image.ndim == 2:
             image, label = image[None], label[None]
         grouped.setdefault(case, []).append((order, image, label))
