@@ -4,13 +4,22 @@ of one volume, the normalisation and the example slice."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import examples.bual_demo.__main__ as cli
+from examples.bual_demo import runfolder
 from examples.bual_demo.__main__ import main
+from examples.bual_demo.diagnose import main as diagnose_main
+from examples.bual_demo.runfolder import DamagedCheckpoint, RunFolderError, load_checkpoint
+from tests.test_examples import TINY
+
+RUN = [*TINY, "--methods", "supervised", "full", "--seeds", "1", "--iterations", "2",
+       "--workers", "1", "--no-diagnostics"]  # fmt: skip
 
 # ------------------------------------------------------------------------------ flags
 
@@ -156,3 +165,93 @@ def test_h5_dir_reads_the_top_level_only(tmp_path: Path) -> None:
     )
     with pytest.raises(DataError, match=r"patient001_frame01 mixes a 3D volume .* and 2D slices"):
         read_h5_dir(tmp_path / "nested" / "slices")
+
+
+# ------------------------------------------------------------------------------ run folders
+
+
+@pytest.fixture
+def finished(tmp_path: Path) -> Path:
+    """A finished tiny comparison (supervised and fully supervised, one seed)."""
+    out = tmp_path / "run"
+    assert main([*RUN, "--out", str(out)]) == 0
+    return out
+
+
+def test_a_damaged_checkpoint_restarts_its_run_and_the_comparison_goes_on(
+    finished: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    damaged = finished / "runs" / "supervised_seed0" / "checkpoint.pt"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # truncated
+    for run in ("supervised_seed0", "full_seed0"):
+        (finished / "runs" / run / "result.json").unlink()
+    assert main([*RUN, "--out", str(finished)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {damaged} does not load as a checkpoint" in err, err
+    assert "supervised seed 0 starts afresh" in err and "Traceback" not in err
+    assert load_checkpoint(damaged)["step"] == 2
+    for run in ("supervised_seed0", "full_seed0"):
+        assert (finished / "runs" / run / "result.json").is_file()
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x02garbage", b"PK\x03\x04", "tail"])
+def test_damage_is_told_apart_from_a_crafted_pickle(tmp_path: Path, content: object) -> None:
+    path = tmp_path / "checkpoint.pt"
+    if content == "tail":  # a real checkpoint missing its last bytes
+        torch.save({"step": 1, "w": torch.ones(100)}, path)
+        content = path.read_bytes()[:-20]
+    assert isinstance(content, bytes)
+    path.write_bytes(content)
+    with pytest.raises(DamagedCheckpoint) as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value) and "afresh" in str(info.value)
+    torch.save({"step": 0, "student": Path.cwd()}, path)  # pickles pathlib: not plain data
+    with pytest.raises(RunFolderError) as info:
+        load_checkpoint(path)
+    assert not isinstance(info.value, DamagedCheckpoint) and "could run code" in str(info.value)
+
+
+@pytest.mark.parametrize("content", ["", '{"format": "bual_demo.run/1", "train": {', "[1, 2]"])
+def test_an_unreadable_config_json_is_named(
+    finished: Path, content: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = finished / "config.json"
+    config.write_text(content)
+    capsys.readouterr()
+    assert main([*RUN, "--out", str(finished)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {config} is unreadable") and err.count("\n") == 1, err
+    assert diagnose_main(["--run-dir", str(finished), *TINY]) == 2
+    assert f"{config} is unreadable" in capsys.readouterr().err
+
+
+def test_config_json_is_replaced_atomically(
+    finished: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = finished / "config.json"
+    before = config.read_text()
+
+    def crash(src: object, dst: object) -> None:
+        raise OSError("killed between the write and the rename")
+
+    monkeypatch.setattr(runfolder.os, "replace", crash)
+    with pytest.raises(OSError, match="killed"):
+        main([*RUN, "--out", str(finished)])
+    assert config.read_text() == before  # the old file, whole
+    monkeypatch.undo()
+    assert main([*RUN, "--out", str(finished)]) == 0  # the leftover config.tmp is harmless
+    runfolder.check_deletable(finished)
+
+
+def test_an_unreadable_result_json_is_evaluated_again(
+    finished: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = finished / "runs" / "full_seed0" / "result.json"
+    good = json.loads(result.read_text())
+    result.write_text(result.read_text()[:40])
+    capsys.readouterr()
+    assert main([*RUN, "--out", str(finished), "--report-only"]) == 1  # no whole seed yet
+    assert f"warning: {result} is unreadable" in capsys.readouterr().err
+    assert main([*RUN, "--out", str(finished)]) == 0
+    assert json.loads(result.read_text())["dice"] == good["dice"]  # the same final checkpoint

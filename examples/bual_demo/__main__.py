@@ -34,7 +34,14 @@ from .data import (
     read_nifti_dir,
 )
 from .report import figures, write_report
-from .runfolder import RunFolderError, delete_run_folder, tagged
+from .runfolder import (
+    RunFolderError,
+    delete_run_folder,
+    read_config,
+    read_result,
+    tagged,
+    write_atomic,
+)
 from .train import UNCERTAINTIES, TrainConfig, init_worker, run_one, worker_job
 
 #: Relative cost of one iteration (measured, 1 thread): longest jobs are scheduled first.
@@ -293,9 +300,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"error: --fresh refuses: {err}", file=sys.stderr)
                 return 2
         out.mkdir(parents=True, exist_ok=True)
-        saved = out / "config.json"
-        if saved.is_file():
-            old = json.loads(saved.read_text())
+        try:
+            old = read_config(out)
+        except RunFolderError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if old is not None:
             defaults = dataclasses.asdict(TrainConfig())
             changed = [k for k, v in config["train"].items()
                        if old["train"].get(k, defaults[k]) != v]  # fmt: skip
@@ -303,9 +313,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"error: {out} holds runs with another configuration; use --fresh or "
                       "another --out.", file=sys.stderr)  # fmt: skip
                 return 2
-        tmp = saved.with_suffix(".tmp")  # never a half-written config.json
-        tmp.write_text(json.dumps(tagged(config), indent=1))
-        os.replace(tmp, saved)
+        write_atomic(out / "config.json", json.dumps(tagged(config), indent=1))
     if world > 1:
         dist.barrier()
 
@@ -322,9 +330,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.report_only:
         jobs, total = [], 0
         for method, seed in [(m, s) for s in seeds for m in args.methods]:
-            path = out / "runs" / f"{method}_seed{seed}" / "result.json"
-            if path.is_file():
-                done[(method, seed)] = json.loads(path.read_text())
+            result = read_result(out / "runs" / f"{method}_seed{seed}" / "result.json")
+            if result is not None:
+                done[(method, seed)] = result
         seeds = [s for s in seeds if all((m, s) in done for m in args.methods)]
         say(f"Finished seeds for every method: {seeds}")
         if not seeds:

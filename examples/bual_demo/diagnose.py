@@ -45,7 +45,7 @@ from .__main__ import load_data, parse_args
 from .data import DataError, SliceData
 from .model import UNet2D
 from .report import LABELS
-from .runfolder import RunFolderError, load_checkpoint
+from .runfolder import RunFolderError, load_checkpoint, read_config
 from .train import TrainConfig
 
 ESTIMATORS = ("entropy", "mc_dropout")
@@ -215,7 +215,9 @@ def diagnose(
     log: Any = print,
 ) -> dict[str, Any]:  # fmt: skip
     """Diagnostics of every finished run under ``run_dir``; writes the table, JSON, figures."""
-    config = json.loads((run_dir / "config.json").read_text())
+    config = read_config(run_dir)
+    if config is None:
+        raise RunFolderError(f"{run_dir} has no config.json: not a comparison's run folder.")
     if config["data"] != data.summary():
         raise DataError(
             f"{run_dir} was trained on other data:\n  run:   {config['data']}\n  "

@@ -32,7 +32,7 @@ from bual_losses.pseudo import pseudo_labels
 from .data import SliceData, augment
 from .metrics import evaluate
 from .model import UNet2D, ema_update, make_teacher
-from .runfolder import load_checkpoint
+from .runfolder import DamagedCheckpoint, load_checkpoint, read_result, warn, write_atomic
 
 SEMI = ("mean_teacher", "uamt", "bual")
 #: ``bual_uncertainty``: the library's entropy of the teacher, or UA-MT's MC-dropout estimate.
@@ -151,9 +151,17 @@ class Run:
         os.replace(tmp, self.checkpoint_path)
 
     def load(self) -> bool:
+        """Resume from the checkpoint, if any. A damaged one (empty, truncated, not a
+        checkpoint) is skipped with a warning and the run starts afresh; one that pickles more
+        than plain data stops the comparison (``RunFolderError``)."""
         if not self.checkpoint_path.is_file():
             return False
-        state = load_checkpoint(self.checkpoint_path)
+        try:
+            state = load_checkpoint(self.checkpoint_path)
+        except DamagedCheckpoint as err:
+            warn(f"{err.args[0]}; {self.method} seed {self.seed} starts afresh (its next "
+                 "checkpoint replaces the file).")  # fmt: skip
+            return False
         self.student.load_state_dict(state["student"])
         if self.teacher is not None:
             self.teacher.load_state_dict(state["teacher"])
@@ -329,18 +337,17 @@ def run_one(
     """Train (or resume, or skip when finished) one run; rank 0 returns its result."""
     result_path = folder / "result.json"
     rank, world = _world()
-    if result_path.is_file():
+    finished = read_result(result_path)  # every rank reads the same file: they agree
+    if finished is not None:
         if progress is not None:
             progress(cfg.iterations)
-        return json.loads(result_path.read_text()) if rank == 0 else None
+        return finished if rank == 0 else None
     run = Run(method, seed, data, cfg, folder)
     run.train(progress)
     result = None
     if rank == 0:
         result = run.test()
-        tmp = result_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result))
-        os.replace(tmp, result_path)
+        write_atomic(result_path, json.dumps(result))
     if world > 1:
         dist.barrier()
     return result
