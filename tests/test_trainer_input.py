@@ -42,6 +42,8 @@ BAD_FLAGS = [
     (["--nifti-dir", "a", "--h5-dir", "b"], "--nifti-dir"),
     (["--val-slab", "100", "120"], "--train-slab/--val-slab/--test-slab"),
     (["--report-only", "--fresh"], "--fresh"),
+    (["--ignore-label", "255"], "--ignore-label"),  # the MNI labels have no unannotated voxels
+    (["--h5-dir", "x", "--ignore-label", "-1"], "--ignore-label"),
 ]
 
 
@@ -255,3 +257,86 @@ def test_an_unreadable_result_json_is_evaluated_again(
     assert f"warning: {result} is unreadable" in capsys.readouterr().err
     assert main([*RUN, "--out", str(finished)]) == 0
     assert json.loads(result.read_text())["dice"] == good["dice"]  # the same final checkpoint
+
+
+# ------------------------------------------------------------------------------ label values
+
+
+def _cases(values: tuple[int, ...], n: int = 3, z: int = 8, seed: int = 0) -> list:
+    """``n`` cases of nested squares labelled with ``values`` (outermost first)."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(n):
+        label = np.zeros((z, 16, 16), np.int64)
+        for k, v in enumerate(values):
+            label[:, 2 * k : 16 - 2 * k, 2 * k : 16 - 2 * k] = v
+        image = label / max(values) + 0.1 * rng.normal(size=label.shape)
+        cases.append((f"case{i}", image.astype(np.float32), label))
+    return cases
+
+
+def test_label_values_become_contiguous_classes() -> None:
+    from examples.bual_demo.data import cases_data
+
+    data = cases_data(_cases((0, 1, 5)), labeled=2, size=(16, 16), description="t", gap=0)
+    assert data.num_classes == 3  # was 6, three of them never present
+    assert data.class_names == ("background", "label 1", "label 5")
+    assert "label values 0, 1, 5 -> classes 0..2" in data.summary()
+    assert int(data.test_y.max()) == 2 and data.ignore_index is None
+    # 255 without --ignore-label: one more class, named and printed, not 256 classes
+    data = cases_data(_cases((0, 1, 2, 255)), labeled=2, size=(16, 16), description="t", gap=0)
+    assert data.class_names[-1] == "label 255" and data.num_classes == 4
+    assert "label values 0, 1, 2, 255 -> classes 0..3" in data.summary()
+    # ACDC-like labels 0..3: nothing to say
+    data = cases_data(_cases((0, 1, 2, 3)), labeled=2, size=(16, 16), description="t", gap=0)
+    assert data.description == "t" and data.class_names[1:] == ("label 1", "label 2", "label 3")
+
+
+def test_ignore_label_is_left_out_of_training_and_metrics(tmp_path: Path) -> None:
+    from examples.bual_demo.data import cases_data
+    from examples.bual_demo.metrics import evaluate
+    from examples.bual_demo.train import Run, TrainConfig
+
+    data = cases_data(_cases((255, 0, 1, 5)), labeled=2, size=(16, 16), description="t",
+                      gap=0, ignore_label=255)  # fmt: skip
+    assert data.class_names == ("background", "label 1", "label 5")
+    assert data.ignore_index == 3 and "label 255 ignored" in data.summary()
+    assert (data.labeled_y == 3).any() and int(data.labeled_y.max()) == 3
+    cfg = TrainConfig(iterations=2, base=4, levels=2, mc_passes=2)
+    for method in ("supervised", "uamt", "bual"):
+        run = Run(method, 0, data, cfg, tmp_path / method)
+        log = run.train_step()
+        assert all(np.isfinite(v) for v in log.values()), (method, log)
+    # scoring: a prediction of class 1 on the ignored ring costs nothing
+    target = data.test_y.numpy()
+    hit = np.where(target == 3, 1, target)
+    assert evaluate(hit, target, 3, (1.0, 1.0), ignore_index=3)["dice"] == [1.0, 1.0]
+    assert evaluate(hit, target, 3, (1.0, 1.0))["dice"][0] < 0.9  # without it: false positives
+
+
+def test_labels_that_look_like_an_image_are_refused() -> None:
+    from examples.bual_demo.data import DataError, cases_data
+
+    cases = _cases((0, 1))
+    cases[1] = ("scan", cases[1][1], np.arange(16 * 16 * 8).reshape(8, 16, 16) % 200)
+    with pytest.raises(DataError, match=r"200 distinct values \(case scan: 200.*an image"):
+        cases_data(cases, labeled=2, size=(16, 16), description="t", gap=0)
+    with pytest.raises(DataError, match="single value"):
+        cases_data(_cases((0, 255)), labeled=2, size=(16, 16), description="t", ignore_label=255)
+
+
+def test_ignore_label_through_the_command_line(tmp_path: Path, capsys) -> None:
+    for name, _, label in _cases((255, 0, 2)):
+        _nifti(tmp_path / "data" / "images" / f"{name}.nii.gz",
+               (label.transpose(1, 2, 0) % 7).astype(np.float32))  # fmt: skip
+        _nifti(tmp_path / "data" / "labels" / f"{name}.nii.gz",
+               label.transpose(1, 2, 0).astype(np.uint8))  # fmt: skip
+    argv = ["--nifti-dir", str(tmp_path / "data"), "--ignore-label", "255", "--size", "16", "16",
+            "--methods", "supervised", "--seeds", "1", "--iterations", "2", "--workers", "1",
+            "--base", "4", "--levels", "2", "--labeled", "1", "--gap", "0", "--no-diagnostics",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "label values 0, 2 -> classes 0..1; label 255 ignored" in out
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())["summary"]
+    assert set(summary["supervised"]) >= {"dice/label 2", "hd95/label 2"}

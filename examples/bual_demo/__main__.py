@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--nifti-dir", type=Path, help="folder with images/*.nii.gz + labels/*.nii.gz")
     g.add_argument("--h5-dir", type=Path, help="folder of SSL4MIS-style *.h5 (image, label)")
+    g.add_argument("--ignore-label", type=int, metavar="V",
+                   help="--nifti-dir / --h5-dir: voxels labelled V (e.g. 255) are unannotated: "
+                   "left out of the losses and the metrics. Every other label value found is a "
+                   "class; sorted values become classes 0, 1, ... (labels 0, 1, 5 -> 3 "
+                   "classes), a mapping the data summary prints")  # fmt: skip
     g.add_argument("--labeled", type=int, default=2, help="number of labeled slices")
     g.add_argument("--size", type=int, nargs=2, default=(96, 112), metavar=("H", "W"),
                    help="slice size in pixels; divisible by 2 ** (--levels - 1)")  # fmt: skip
@@ -175,6 +180,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         )
     if args.nifti_dir and args.h5_dir:
         parser.error("argument --nifti-dir: give either --nifti-dir or --h5-dir, not both")
+    if args.ignore_label is not None and not (args.nifti_dir or args.h5_dir):
+        parser.error("argument --ignore-label: applies to --nifti-dir / --h5-dir labels only")
     if not (args.nifti_dir or args.h5_dir):
         try:
             slabs(args).check()
@@ -203,10 +210,12 @@ def load_data(args: argparse.Namespace) -> SliceData:
     if args.nifti_dir:
         cases = read_nifti_dir(args.nifti_dir)
         return cases_data(cases, labeled=args.labeled, size=size, gap=args.gap,
+                          ignore_label=args.ignore_label,
                           description=f"NIfTI folder {args.nifti_dir}")  # fmt: skip
     if args.h5_dir:
         cases = read_h5_dir(args.h5_dir)
         return cases_data(cases, labeled=args.labeled, size=size, gap=args.gap,
+                          ignore_label=args.ignore_label,
                           description=f"HDF5 folder {args.h5_dir}")  # fmt: skip
     return mni_data(labeled=args.labeled, size=size, downsample=args.downsample, split=slabs(args),
                     corruption=args.corruption, data_seed=args.data_seed)  # fmt: skip

@@ -48,6 +48,8 @@ class SliceData:
     class_names: tuple[str, ...]
     spacing: tuple[float, float]  # mm per pixel (rows, cols), for the Hausdorff distance
     description: str
+    #: the label id of unannotated voxels (``--ignore-label``): never trained on, never scored
+    ignore_index: Optional[int] = None
 
     @property
     def num_classes(self) -> int:
@@ -409,30 +411,84 @@ def read_h5_dir(folder: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
     return cases
 
 
+#: More distinct label values than this and the "labels" are taken for an image.
+MAX_CLASSES = 64
+
+
+def remap_labels(
+    cases: list[tuple[str, np.ndarray, np.ndarray]], ignore_label: Optional[int] = None
+) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], tuple[str, ...], Optional[int], str]:
+    """Label values -> contiguous class ids ``0 .. C-1``, in sorted order.
+
+    Labels ``{0, 1, 5}`` become classes 0, 1, 2 (not 6 classes, three of them empty). Voxels
+    labelled ``ignore_label`` (e.g. 255 for unannotated voxels) get the id ``C`` that the losses
+    and metrics ignore; without ``ignore_label`` every value found is a class. Returns the
+    remapped cases, the class names (``background`` for value 0, else ``label V``), the ignore
+    id (or None) and a note of the mapping for the data summary ("" when nothing changed).
+    """
+    found = {name: np.unique(label) for name, _, label in cases}
+    values = np.unique(np.concatenate(list(found.values())))
+    ignored = ignore_label is not None and bool(np.any(values == ignore_label))
+    if ignore_label is not None:
+        values = values[values != ignore_label]
+    if len(values) < 2:
+        raise DataError(
+            f"the labels hold the single value {values.tolist()} (besides any --ignore-label); "
+            "need a background and at least one class."
+        )
+    if len(values) > MAX_CLASSES:
+        name = max(found, key=lambda n: len(found[n]))
+        raise DataError(
+            f"the labels hold {len(values)} distinct values (case {name}: {len(found[name])}, "
+            f"from {found[name].min()} to {found[name].max()}); more than {MAX_CLASSES} "
+            "classes: is an image in the labels folder?"
+        )
+    n_cls = len(values)
+    ignore_index = n_cls if ignore_label is not None else None
+    out = []
+    for name, image, label in cases:
+        ids = np.searchsorted(values, label)
+        if ignore_index is not None:
+            ids = np.where(label == ignore_label, ignore_index, ids)
+        out.append((name, image, ids.astype(np.int64)))
+    names = tuple("background" if v == 0 else f"label {v}" for v in values.tolist())
+    notes = []
+    if not np.array_equal(values, np.arange(n_cls)):
+        notes.append(f"label values {', '.join(map(str, values.tolist()))} -> classes "
+                     f"0..{n_cls - 1}")  # fmt: skip
+        if values[0] != 0:
+            names = (f"label {values[0]} (background)", *names[1:])
+    if ignore_label is not None:
+        notes.append(f"label {ignore_label} ignored" + ("" if ignored else " (none found)"))
+    return out, names, ignore_index, "; ".join(notes)
+
+
 def cases_data(
     cases: list[tuple[str, np.ndarray, np.ndarray]],
     *,
     labeled: int,
     size: tuple[int, int],
     description: str,
-    num_classes: Optional[int] = None,
     gap: int = 3,
     spacing: tuple[float, float] = (1.0, 1.0),
+    ignore_label: Optional[int] = None,
 ) -> SliceData:
     """Split cases into train (labeled + unlabeled) / validation / test.
 
-    Several cases: whole cases go to one split (70% / 10% / 20%, at least one each). One case:
-    slabs along its slices (60% / 10% / 20% with gaps). Labeled slices are spread evenly over
-    the training slices; the unlabeled ones are the rest, minus ``gap`` neighbours each side.
+    Label values become contiguous classes (``remap_labels``). Several cases: whole cases go to
+    one split (70% / 10% / 20%, at least one each). One case: slabs along its slices (60% / 10%
+    / 20% with gaps). Labeled slices are spread evenly over the training slices; the unlabeled
+    ones are the rest, minus ``gap`` neighbours each side.
     """
-    n_cls = num_classes or int(max(int(c[2].max()) for c in cases)) + 1
-    if n_cls < 2:
-        raise DataError("labels contain a single class; need at least two.")
+    cases, names, ignore_index, note = remap_labels(cases, ignore_label)
+    if note:
+        description = f"{description} ({note})"
+    n_ids = len(names) + (ignore_index is not None)  # the ignored voxels resize as one more id
 
     def stack(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
         for image, label in parts:
-            x, y = resize_slices(normalize_slices(image), label, size, n_cls)
+            x, y = resize_slices(normalize_slices(image), label, size, n_ids)
             xs.append(x)
             ys.append(y)
         return torch.cat(xs), torch.cat(ys)
@@ -465,12 +521,12 @@ def cases_data(
     _require_unlabeled(unl_idx, len(train_x), gap)
     val_x, val_y = stack(val_parts)
     test_x, test_y = stack(test_parts)
-    names = tuple(["background"] + [f"class {c}" for c in range(1, n_cls)])
     return SliceData(
         labeled_x=train_x[lab_idx], labeled_y=train_y[lab_idx],
         unlabeled_x=train_x[unl_idx], unlabeled_y=train_y[unl_idx],
         val_x=val_x, val_y=val_y, test_x=test_x, test_y=test_y,
         class_names=names, spacing=spacing, description=description,
+        ignore_index=ignore_index,
     )  # fmt: skip
 
 

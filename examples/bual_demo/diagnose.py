@@ -82,8 +82,9 @@ def load_teacher(folder: Path, method: str, data: SliceData, cfg: TrainConfig) -
     return model.eval()
 
 
-def _accumulator() -> ErrorDetectionAccumulator:
-    return ErrorDetectionAccumulator(from_logits=True, thresholds=THRESHOLDS, ratios=RATIOS)
+def _accumulator(ignore_index: Optional[int]) -> ErrorDetectionAccumulator:
+    return ErrorDetectionAccumulator(from_logits=True, thresholds=THRESHOLDS, ratios=RATIOS,
+                                     ignore_index=ignore_index)  # fmt: skip
 
 
 @torch.no_grad()
@@ -92,7 +93,7 @@ def teacher_reports(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Reports of both maps over the unlabeled slab, plus the maps themselves for the figures."""
     torch.manual_seed(seed)  # the dropout masks of the MC passes
-    accs = {name: _accumulator() for name in ESTIMATORS}
+    accs = {name: _accumulator(data.ignore_index) for name in ESTIMATORS}
     logits_all, maps = [], {name: [] for name in ESTIMATORS}
     x, y = data.unlabeled_x, data.unlabeled_y
     for i in range(0, len(x), batch):
@@ -203,7 +204,8 @@ def figures(
     tau = _at(report, "ratio_thresholds", "ratios", RATIO)
     fig = plot_error_overlay(
         data.unlabeled_x[k, 0], data.unlabeled_y[k], pred, arrays["entropy"][k],
-        threshold=round(tau, 3), num_classes=data.num_classes, figsize=(15.0, 3.6),
+        threshold=round(tau, 3), ignore_index=data.ignore_index, num_classes=data.num_classes,
+        figsize=(15.0, 3.6),
     )  # fmt: skip
     paths.append(out / "error_overlay.png")
     fig.savefig(paths[-1], dpi=dpi)

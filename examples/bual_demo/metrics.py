@@ -59,13 +59,22 @@ def hd95(
 
 
 def evaluate(
-    pred: np.ndarray, target: np.ndarray, num_classes: int, spacing: tuple[float, float]
+    pred: np.ndarray,
+    target: np.ndarray,
+    num_classes: int,
+    spacing: tuple[float, float],
+    ignore_index: Optional[int] = None,
 ) -> dict[str, list[float]]:
-    """Per-class Dice and HD95 (classes ``1..C-1``), averaged over the slices of ``(N, H, W)``."""
+    """Per-class Dice and HD95 (classes ``1..C-1``), averaged over the slices of ``(N, H, W)``.
+
+    Voxels whose target is ``ignore_index`` count for neither mask.
+    """
     out: dict[str, list[float]] = {"dice": [], "hd95": []}
+    annotated = np.ones(target.shape, bool) if ignore_index is None else target != ignore_index
     for c in range(1, num_classes):
-        d = [dice(p == c, t == c) for p, t in zip(pred, target)]
-        h = [hd95(p == c, t == c, spacing) for p, t in zip(pred, target)]
+        found = (pred == c) & annotated
+        d = [dice(p, t == c) for p, t in zip(found, target)]
+        h = [hd95(p, t == c, spacing) for p, t in zip(found, target)]
         out["dice"].append(float(np.mean(d)))
         out["hd95"].append(float(np.mean(h)))
     return out

@@ -89,11 +89,17 @@ def predict(model: nn.Module, x: torch.Tensor, batch: int = 16) -> torch.Tensor:
     return out
 
 
-def _mean_dice(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: int) -> float:
+def _annotated(y: torch.Tensor, ignore_index: Optional[int]) -> torch.Tensor:
+    """The voxels with a label (all but ``ignore_index``)."""
+    return torch.ones_like(y, dtype=torch.bool) if ignore_index is None else y != ignore_index
+
+
+def _mean_dice(model: nn.Module, x: torch.Tensor, y: torch.Tensor, data: SliceData) -> float:
     pred = pseudo_labels(predict(model, x))
+    annotated = _annotated(y, data.ignore_index)
     scores = []
-    for c in range(1, classes):
-        p, t = pred == c, y == c
+    for c in range(1, data.num_classes):
+        p, t = (pred == c) & annotated, y == c
         scores.append((2 * (p & t).sum() / (p.sum() + t.sum()).clamp_min(1)).item())
     return float(np.mean(scores))
 
@@ -190,7 +196,7 @@ class Run:
                 idx2 = _sample(len(self.train_x), cfg.unlabeled_batch, g)
                 x2, y2 = augment(self.train_x[idx2], self.train_y[idx2], g)
                 xl, yl = torch.cat([xl, x2]), torch.cat([yl, y2])
-            loss = region_ce_dice_loss(self.model(xl), yl)
+            loss = region_ce_dice_loss(self.model(xl), yl, ignore_index=data.ignore_index)
             log["sup"] = loss.item()
         else:
             assert self.teacher is not None
@@ -203,7 +209,7 @@ class Run:
             lam = float(self.lam(t))
             log["lambda"] = lam
             if self.method in ("mean_teacher", "uamt"):
-                sup = region_ce_dice_loss(zl, yl)
+                sup = region_ce_dice_loss(zl, yl, ignore_index=data.ignore_index)
                 dist_sq = (zu.softmax(1) - zt.softmax(1)).pow(2).mean(1)  # (B, H, W)
                 if self.method == "uamt":
                     est = mc_dropout_uncertainty(
@@ -237,7 +243,8 @@ class Run:
                 loss, parts = bidirectional_loss(
                     zl, yl, zu, zt, step=t, total_steps=cfg.iterations,
                     alpha=cfg.bual_alpha, beta=cfg.bual_beta,
-                    consistency_weight=self.lam, return_parts=True, **kwargs,
+                    consistency_weight=self.lam, ignore_index=data.ignore_index,
+                    return_parts=True, **kwargs,
                 )  # fmt: skip
                 log.update(
                     sup=parts.labeled_loss.item(),
@@ -253,8 +260,10 @@ class Run:
                 trusted = u <= thr
             # diagnostics from the hidden labels (never used for training): pseudo-label error
             with torch.no_grad():
-                wrong = pseudo_labels(zt) != yu
-                log["pl_error"] = wrong.float().mean().item()
+                annotated = _annotated(yu, data.ignore_index)
+                wrong = (pseudo_labels(zt) != yu) & annotated
+                trusted = trusted & annotated
+                log["pl_error"] = (wrong.sum() / annotated.sum().clamp_min(1)).item()
                 log["pl_error_trusted"] = (
                     (wrong & trusted).sum() / trusted.sum().clamp_min(1)
                 ).item()
@@ -288,7 +297,7 @@ class Run:
                 self.history["log"].append({"step": self.step, **log})
             if self.rank == 0 and (self.step % cfg.eval_every == 0 or self.step == cfg.iterations):
                 data = self.data
-                d = _mean_dice(self.student, data.val_x, data.val_y, data.num_classes)
+                d = _mean_dice(self.student, data.val_x, data.val_y, data)
                 self.history["val"].append({"step": self.step, "dice": d})
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations:
                 self.save()
@@ -302,7 +311,8 @@ class Run:
         data = self.data
         logits = predict(self.student, data.test_x)
         pred = pseudo_labels(logits).numpy()
-        metrics = evaluate(pred, data.test_y.numpy(), data.num_classes, data.spacing)
+        metrics = evaluate(pred, data.test_y.numpy(), data.num_classes, data.spacing,
+                           data.ignore_index)  # fmt: skip
         k = len(data.test_x) // 2
         est = mc_dropout_uncertainty(
             self.student.eval(), data.test_x[k : k + 1], passes=self.cfg.mc_passes,
