@@ -340,3 +340,33 @@ def test_ignore_label_through_the_command_line(tmp_path: Path, capsys) -> None:
     assert "label values 0, 2 -> classes 0..1; label 255 ignored" in out
     summary = json.loads((tmp_path / "out" / "results.json").read_text())["summary"]
     assert set(summary["supervised"]) >= {"dice/label 2", "hd95/label 2"}
+
+
+# ------------------------------------------------------------------------------ absent classes
+
+
+def test_a_class_absent_from_the_test_labels_is_n_a_and_left_out_of_the_mean() -> None:
+    from examples.bual_demo.metrics import evaluate
+    from examples.bual_demo.report import markdown_table, summarize
+
+    target = np.zeros((4, 12, 12), np.int64)
+    target[:, 2:8, 2:8] = 1  # class 1 everywhere, class 2 nowhere
+    pred = target.copy()
+    pred[:, 2:5, 2:8] = 0  # half of class 1 found: Dice 2/3 per slice
+    metrics = evaluate(pred, target, 3, (1.0, 1.0))
+    assert metrics["dice"] == [pytest.approx(2 / 3), None]  # was [0.667, 1.0]
+    assert metrics["hd95"][1] is None  # was 0.0
+    # the per-slice rule still holds for a class that is present somewhere
+    target[0] = 0
+    assert evaluate(target, target, 2, (1.0, 1.0))["dice"] == [1.0]
+    names = ("background", "a", "b")
+    results = {m: [{"seed": s, "dice": metrics["dice"], "hd95": metrics["hd95"],
+                    "seconds_per_iteration": 0.1, "seconds": 1.0} for s in (0, 1)]
+               for m in ("supervised", "bual")}  # fmt: skip
+    summary = summarize(results, names)
+    assert summary["bual"]["dice/mean"]["mean"] == pytest.approx(2 / 3)  # was 0.833
+    assert summary["bual"]["dice/b"]["mean"] is None
+    assert summary["bual"]["dice/mean minus supervised"]["mean"] == 0.0
+    row = markdown_table(summary, names).splitlines()[-1].split(" | ")
+    assert row[1:4] == ["0.667 ± 0.000", "n/a", "0.667 ± 0.000"], row
+    json.dumps(summary, allow_nan=False)  # no NaN in results.json

@@ -356,9 +356,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if rank == 0:
         header = (f"Test-slab Dice and 95% Hausdorff distance, mean ± sample std over seeds "
                   f"{seeds}; {iterations} iterations per run for every method. Metrics per "
-                  "test slice, averaged over slices; HD95 in mm, a class missing from the "
-                  "prediction or the label of a slice scores the image diagonal, missing from "
-                  "both scores 0. s / iter: wall-clock seconds per training iteration of one "
+                  "test slice, averaged over slices (HD95 in mm): in a slice, a class missing "
+                  "from both the prediction and the label scores Dice 1 and HD95 0, missing "
+                  "from one of them Dice 0 and HD95 the image diagonal; a class missing from "
+                  "every test label is n/a and left out of the means. s / iter: wall-clock "
+                  "seconds per training iteration of one "
                   f"worker ({args.threads} thread), which the machine's load inflates."
                   f"\n\nData: {data.summary()}.")  # fmt: skip
         if not args.full:

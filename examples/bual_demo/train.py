@@ -100,8 +100,9 @@ def _mean_dice(model: nn.Module, x: torch.Tensor, y: torch.Tensor, data: SliceDa
     scores = []
     for c in range(1, data.num_classes):
         p, t = (pred == c) & annotated, y == c
-        scores.append((2 * (p & t).sum() / (p.sum() + t.sum()).clamp_min(1)).item())
-    return float(np.mean(scores))
+        if t.any():  # a class absent from the validation labels is n/a, as in the test metrics
+            scores.append((2 * (p & t).sum() / (p.sum() + t.sum())).item())
+    return float(np.mean(scores)) if scores else math.nan
 
 
 class Run:
