@@ -14,6 +14,7 @@ import torch
 import examples.bual_demo.__main__ as cli
 from examples.bual_demo import runfolder
 from examples.bual_demo.__main__ import main
+from examples.bual_demo.data import DataError, cases_data
 from examples.bual_demo.diagnose import main as diagnose_main
 from examples.bual_demo.runfolder import DamagedCheckpoint, RunFolderError, load_checkpoint
 from tests.test_examples import TINY
@@ -370,3 +371,99 @@ def test_a_class_absent_from_the_test_labels_is_n_a_and_left_out_of_the_mean() -
     row = markdown_table(summary, names).splitlines()[-1].split(" | ")
     assert row[1:4] == ["0.667 ± 0.000", "n/a", "0.667 ± 0.000"], row
     json.dumps(summary, allow_nan=False)  # no NaN in results.json
+
+
+# ------------------------------------------------------------------------------ users' volumes
+
+
+def test_one_volume_is_normalised_with_one_scale() -> None:
+    from examples.bual_demo.data import normalize_volume
+
+    rng = np.random.default_rng(0)
+    volume = np.abs(rng.normal(0, 2, (10, 40, 40)))  # background noise
+    volume[:, 5:35, 5:35] += 100  # tissue filling most slices ...
+    volume[4] = np.abs(rng.normal(0, 2, (40, 40)))
+    volume[4, 20:22, 20:22] += 100  # ... and a slice whose object covers 0.25% of it
+    x = normalize_volume(volume)
+    assert x[4, 20:22, 20:22].min() > 0.9 and x[4, :10, :10].max() < 0.1
+    # per-slice percentiles made that slice noise: its 99th percentile is background
+    lo, hi = np.percentile(volume[4], [1, 99])
+    assert ((volume[4, :10, :10] - lo) / (hi - lo)).max() > 0.5
+    # the foreground is what lies above the volume's minimum: zero padding changes nothing
+    scaled = []
+    for pad in (20, 60):
+        padded = np.pad(volume + 50, ((0, 0), (pad, pad), (pad, pad)))
+        scaled.append(normalize_volume(padded)[:, pad:-pad, pad:-pad])
+    assert np.allclose(scaled[0], scaled[1], atol=1e-6)
+    assert scaled[0][0, 5:35, 5:35].mean() > 0.9 and scaled[0][:, :5].mean() < 0.1
+    assert normalize_volume(np.full((3, 4, 4), 7.0)).max() == 0.0
+
+
+def _one_volume(z: int, rows: range, seed: int = 0) -> list:
+    """One volume: class 1 in every slice, class 2 only in the slices ``rows``."""
+    (case,) = _cases((0, 1), n=1, z=z, seed=seed)
+    label = case[2].copy()
+    label[list(rows), 6:10, 6:10] = 2
+    return [("vol", case[1] + label, label)]
+
+
+def test_one_volume_split_gives_every_split_every_class() -> None:
+    from examples.bual_demo.data import cases_data, split_volume
+
+    cases = _one_volume(60, range(25, 36))
+    data = cases_data(cases, labeled=2, size=(16, 16), description="t")
+    for y in (torch.cat([data.labeled_y, data.unlabeled_y]), data.val_y, data.test_y):
+        assert set(y.unique().tolist()) == {0, 1, 2}  # was: no class 2 in validation or test
+    assert "3 interleaved blocks" in data.summary()
+    parts, n_blocks = split_volume("vol", torch.from_numpy(cases[0][2]), ("b", "l1", "l2"), 3)
+    assert n_blocks == 3
+    z = [np.asarray(p) for p in parts]
+    for a in range(3):  # different splits never come closer than the gap
+        for b in range(a + 1, 3):
+            assert np.abs(z[a][:, None] - z[b][None, :]).min() > 3
+    # an object in a single slice cannot be in three splits: say so
+    with pytest.raises(DataError, match=r"case vol: cannot split .*label 2 occupies slices 30\)"):
+        cases_data(_one_volume(60, range(30, 31)), labeled=2, size=(16, 16), description="t",
+                   ignore_label=None)  # fmt: skip
+
+
+@pytest.mark.parametrize("z", [31, 35, 39])
+def test_one_volume_of_31_to_39_slices(z: int, tmp_path: Path) -> None:
+    from examples.bual_demo.data import cases_data, read_nifti_dir
+
+    (name, image, label) = _one_volume(z, range(z))[0]
+    _nifti(tmp_path / "images" / f"{name}.nii.gz", image.transpose(1, 2, 0))
+    _nifti(tmp_path / "labels" / f"{name}.nii.gz", label.transpose(1, 2, 0).astype(np.uint8))
+    data = cases_data(read_nifti_dir(tmp_path), labeled=2, size=(16, 16), description="t")
+    assert min(len(data.val_x), len(data.test_x), len(data.unlabeled_x)) >= 1  # was a crash
+    with pytest.raises(DataError, match=f"one volume of {z} slices is too few .* --gap 20"):
+        cases_data(read_nifti_dir(tmp_path), labeled=2, size=(16, 16), description="t", gap=20)
+
+
+def test_the_example_slice_has_foreground(tmp_path: Path) -> None:
+    from examples.bual_demo.data import example_slice
+    from examples.bual_demo.train import Run, TrainConfig
+
+    labels = torch.zeros(9, 8, 8, dtype=torch.long)
+    labels[1, 2:4, 2:4] = 1
+    labels[6, 2:4, 2:4] = 1
+    labels[7, 2:4, 2:4] = 1
+    labels[7, 5:7, 5:7] = 2
+    assert example_slice(labels, 3) == 7  # both classes; the middle slice 4 is empty
+    labels[7] = 0
+    assert example_slice(labels, 3) == 6  # one class: the nearest to the middle
+    data = cases_data(_cases((0, 1, 2)), labeled=2, size=(16, 16), description="t", gap=0)
+    data.test_y[len(data.test_y) // 2] = 0  # the middle test slice shows nothing
+    run = Run("supervised", 0, data, TrainConfig(iterations=1, base=4, levels=2, mc_passes=2),
+              tmp_path)  # fmt: skip
+    run.test()
+    assert np.load(tmp_path / "example.npz")["label"].max() == 2
+
+
+def test_several_cases_say_which_split_lacks_a_class() -> None:
+    cases = _cases((0, 1, 5))
+    name, image, label = cases[-1]  # the test case
+    cases[-1] = (name, image, np.where(label == 5, 1, label))
+    data = cases_data(cases, labeled=2, size=(16, 16), description="t", gap=0)
+    assert "the test cases hold no label 5: n/a in the table" in data.summary()
+    assert data.num_classes == 3

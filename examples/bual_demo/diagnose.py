@@ -42,7 +42,7 @@ from bual_losses import ErrorDetectionAccumulator, entropy_map, mc_dropout_uncer
 from bual_losses.pseudo import pseudo_labels
 
 from .__main__ import load_data, parse_args
-from .data import DataError, SliceData
+from .data import DataError, SliceData, example_slice
 from .model import UNet2D
 from .report import LABELS
 from .runfolder import RunFolderError, load_checkpoint, read_config
@@ -198,8 +198,9 @@ def figures(
     fig.set_size_inches(6.4, 4.5)
     paths.append(out / "error_rate_vs_ratio.png")
     fig.savefig(paths[-1], dpi=dpi)
-    # the unlabeled slice in the middle of the slab, the high region at the top-RATIO threshold
-    k = len(data.unlabeled_x) // 2
+    # an unlabeled slice with foreground (example_slice), the high region at the top-RATIO
+    # threshold
+    k = example_slice(data.unlabeled_y, data.num_classes)
     pred = pseudo_labels(arrays["logits"][k], dim=0)
     tau = _at(report, "ratio_thresholds", "ratios", RATIO)
     fig = plot_error_overlay(

@@ -29,7 +29,7 @@ from bual_losses import (
 )
 from bual_losses.pseudo import pseudo_labels
 
-from .data import SliceData, augment
+from .data import SliceData, augment, example_slice
 from .metrics import evaluate
 from .model import UNet2D, ema_update, make_teacher
 from .runfolder import DamagedCheckpoint, load_checkpoint, read_result, warn, write_atomic
@@ -314,7 +314,7 @@ class Run:
         pred = pseudo_labels(logits).numpy()
         metrics = evaluate(pred, data.test_y.numpy(), data.num_classes, data.spacing,
                            data.ignore_index)  # fmt: skip
-        k = len(data.test_x) // 2
+        k = example_slice(data.test_y, data.num_classes)
         est = mc_dropout_uncertainty(
             self.student.eval(), data.test_x[k : k + 1], passes=self.cfg.mc_passes,
             normalize=True,
