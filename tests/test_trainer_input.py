@@ -40,6 +40,8 @@ BAD_FLAGS = [
     (["--bual-uncertainty", "mcdropout"], "--bual-uncertainty"),
     (["--size", "30", "32"], "--size"),  # 30 is not divisible by 2 ** (3 - 1)
     (["--size", "48", "32", "--levels", "6"], "--size"),  # 48 is not divisible by 2 ** 5
+    (["--size", "0", "32"], "--size"),
+    (["--mc-passes", "3"], "--mc-passes"),  # UA-MT's estimate runs two passes per forward
     (["--nifti-dir", "a", "--h5-dir", "b"], "--nifti-dir"),
     (["--val-slab", "100", "120"], "--train-slab/--val-slab/--test-slab"),
     (["--report-only", "--fresh"], "--fresh"),

@@ -77,7 +77,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "consistency": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "rampup": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "teacher_noise": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
-    "mc_passes": (lambda v: v >= 1, ">= 1"),
+    "mc_passes": (lambda v: v >= 2 and v % 2 == 0, "even and >= 2 (two passes per forward)"),
     "bual_alpha": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "bual_beta": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "bual_high_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -173,10 +173,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if value is not None and not valid(value):
             parser.error(f"argument --{name.replace('_', '-')}: must be {expected}, got {value}")
     step = 2 ** (args.levels - 1)  # the U-Net halves the slice levels - 1 times
-    if any(side % step for side in args.size):
+    if any(side < step or side % step for side in args.size):
         parser.error(
-            f"argument --size: both sides must be divisible by 2 ** (--levels - 1) = {step} "
-            f"(--levels {args.levels}), got {args.size[0]} {args.size[1]}"
+            f"argument --size: both sides must be positive multiples of 2 ** (--levels - 1) = "
+            f"{step} (--levels {args.levels}), got {args.size[0]} {args.size[1]}"
         )
     if args.nifti_dir and args.h5_dir:
         parser.error("argument --nifti-dir: give either --nifti-dir or --h5-dir, not both")
