@@ -10,23 +10,39 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import multiprocessing as mp
 import os
 import queue as queue_module
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import METHODS
-from .data import DataError, SlabSplit, SliceData, cases_data, mni_data, read_h5_dir, read_nifti_dir
+from .data import (
+    DataError,
+    SlabSplit,
+    SliceData,
+    cases_data,
+    mni_data,
+    read_h5_dir,
+    read_nifti_dir,
+)
 from .report import figures, write_report
-from .runfolder import RunFolderError, delete_run_folder, tagged
-from .train import TrainConfig, init_worker, run_one, worker_job
+from .runfolder import (
+    RunFolderError,
+    delete_run_folder,
+    read_config,
+    read_result,
+    tagged,
+    write_atomic,
+)
+from .train import UNCERTAINTIES, TrainConfig, init_worker, run_one, worker_job
 
 #: Relative cost of one iteration (measured, 1 thread): longest jobs are scheduled first.
 COST = {"uamt": 0.33, "mean_teacher": 0.15, "bual": 0.15, "full": 0.12, "supervised": 0.075}
@@ -36,6 +52,41 @@ BUDGETS = {
     "demo": {"iterations": 200, "seeds": 2, "out": "runs/demo"},
     "full": {"iterations": 600, "seeds": 3, "out": "runs/full"},
 }
+
+
+#: The value rules of the flags, checked by ``check_args`` (flag name -> (valid?, a valid
+#: value)). ``None`` (a flag left at a default of "none" / "the budget's") is always valid.
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seeds": (lambda v: v >= 1, ">= 1"),
+    "iterations": (lambda v: v >= 1, ">= 1"),
+    "workers": (lambda v: v >= 1, ">= 1"),
+    "threads": (lambda v: v >= 1, ">= 1"),
+    "labeled": (lambda v: v >= 1, ">= 1"),
+    "downsample": (lambda v: v >= 1, ">= 1"),
+    "corruption": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "data_seed": (lambda v: v >= 0, ">= 0"),
+    "gap": (lambda v: v >= 0, ">= 0"),
+    "ignore_label": (lambda v: v >= 0, ">= 0"),
+    # training (TrainConfig)
+    "labeled_batch": (lambda v: v >= 1, ">= 1"),
+    "unlabeled_batch": (lambda v: v >= 1, ">= 1"),
+    "lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "base": (lambda v: v >= 1, ">= 1"),
+    "levels": (lambda v: v >= 1, ">= 1"),
+    "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "consistency": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "rampup": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "teacher_noise": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "mc_passes": (lambda v: v >= 2 and v % 2 == 0, "even and >= 2 (two passes per forward)"),
+    "bual_alpha": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "bual_beta": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "bual_high_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "bual_low_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "eval_every": (lambda v: v >= 1, ">= 1"),
+    "log_every": (lambda v: v >= 1, ">= 1"),
+    "checkpoint_every": (lambda v: v >= 1, ">= 1"),
+}
+CHOICES = {"bual_uncertainty": UNCERTAINTIES}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the demonstration budget (2 seeds, 200 iterations; 5-12 min)")  # fmt: skip
     p.add_argument("--out", type=Path, help="output folder (default runs/demo or runs/full)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--seeds", type=int, help="number of seeds (0, 1, ...)")
-    p.add_argument("--iterations", type=int, help="iterations per run (every method)")
+    p.add_argument("--seeds", type=int, help="number of seeds, >= 1 (seeds 0, 1, ...)")
+    p.add_argument("--iterations", type=int, help="iterations per run (every method), >= 1")
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
     p.add_argument(
         "--no-diagnostics",
@@ -79,8 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--nifti-dir", type=Path, help="folder with images/*.nii.gz + labels/*.nii.gz")
     g.add_argument("--h5-dir", type=Path, help="folder of SSL4MIS-style *.h5 (image, label)")
+    g.add_argument("--ignore-label", type=int, metavar="V",
+                   help="--nifti-dir / --h5-dir: voxels labelled V (e.g. 255) are unannotated: "
+                   "left out of the losses and the metrics. Every other label value found is a "
+                   "class; sorted values become classes 0, 1, ... (labels 0, 1, 5 -> 3 "
+                   "classes), a mapping the data summary prints")  # fmt: skip
     g.add_argument("--labeled", type=int, default=2, help="number of labeled slices")
-    g.add_argument("--size", type=int, nargs=2, default=(96, 112), metavar=("H", "W"))
+    g.add_argument("--size", type=int, nargs=2, default=(96, 112), metavar=("H", "W"),
+                   help="slice size in pixels; divisible by 2 ** (--levels - 1)")  # fmt: skip
     g.add_argument("--downsample", type=int, default=2, help="MNI in-plane downsampling")
     g.add_argument(
         "--corruption",
@@ -101,26 +158,66 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         value = getattr(defaults, field.name)
         kind = float if field.name.endswith("ratio") else type(value) if value is not None else str
+        rule = RULES.get(field.name)
         t.add_argument("--" + field.name.replace("_", "-"), type=kind, default=value,
-                       help=f"(default {value})")  # fmt: skip
+                       choices=CHOICES.get(field.name),
+                       help=f"{rule[1] if rule else ''} (default {value})".lstrip())  # fmt: skip
     return p
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every check of the flags, in one place, before any data is read: a bad value ends the
+    program through ``parser.error`` (exit status 2, one line naming the flag)."""
+    for name, (valid, expected) in RULES.items():
+        value = getattr(args, name, None)
+        if value is not None and not valid(value):
+            parser.error(f"argument --{name.replace('_', '-')}: must be {expected}, got {value}")
+    step = 2 ** (args.levels - 1)  # the U-Net halves the slice levels - 1 times
+    if any(side < step or side % step for side in args.size):
+        parser.error(
+            f"argument --size: both sides must be positive multiples of 2 ** (--levels - 1) = "
+            f"{step} (--levels {args.levels}), got {args.size[0]} {args.size[1]}"
+        )
+    if args.nifti_dir and args.h5_dir:
+        parser.error("argument --nifti-dir: give either --nifti-dir or --h5-dir, not both")
+    if args.ignore_label is not None and not (args.nifti_dir or args.h5_dir):
+        parser.error("argument --ignore-label: applies to --nifti-dir / --h5-dir labels only")
+    if not (args.nifti_dir or args.h5_dir):
+        try:
+            slabs(args).check()
+        except DataError as err:
+            parser.error(f"argument --train-slab/--val-slab/--test-slab: {err}")
+    if getattr(args, "fresh", False) and getattr(args, "report_only", False):
+        parser.error("argument --fresh: --report-only never deletes; drop --fresh")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The trainer's flags, parsed and checked (``check_args``)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def slabs(args: argparse.Namespace) -> SlabSplit:
+    """The MNI slabs of the flags."""
+    return SlabSplit(tuple(args.train_slab), tuple(args.val_slab), tuple(args.test_slab),
+                     args.gap)  # fmt: skip
 
 
 def load_data(args: argparse.Namespace) -> SliceData:
     size = tuple(args.size)
-    if args.nifti_dir and args.h5_dir:
-        raise DataError("give either --nifti-dir or --h5-dir, not both.")
     if args.nifti_dir:
         cases = read_nifti_dir(args.nifti_dir)
         return cases_data(cases, labeled=args.labeled, size=size, gap=args.gap,
+                          ignore_label=args.ignore_label,
                           description=f"NIfTI folder {args.nifti_dir}")  # fmt: skip
     if args.h5_dir:
         cases = read_h5_dir(args.h5_dir)
         return cases_data(cases, labeled=args.labeled, size=size, gap=args.gap,
+                          ignore_label=args.ignore_label,
                           description=f"HDF5 folder {args.h5_dir}")  # fmt: skip
-    split = SlabSplit(tuple(args.train_slab), tuple(args.val_slab), tuple(args.test_slab),
-                      args.gap)  # fmt: skip
-    return mni_data(labeled=args.labeled, size=size, downsample=args.downsample, split=split,
+    return mni_data(labeled=args.labeled, size=size, downsample=args.downsample, split=slabs(args),
                     corruption=args.corruption, data_seed=args.data_seed)  # fmt: skip
 
 
@@ -182,14 +279,14 @@ def _train(
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     budget = BUDGETS["full" if args.full else "demo"]
-    iterations = args.iterations or budget["iterations"]
+    iterations = args.iterations if args.iterations is not None else budget["iterations"]
     seeds = list(range(args.seeds if args.seeds is not None else budget["seeds"]))
     out: Path = args.out or Path(budget["out"])
     rank, world = _init_distributed()
     torch.set_num_threads(args.threads)
-    workers = 1 if world > 1 else max(1, args.workers)
+    workers = 1 if world > 1 else args.workers
     torch.use_deterministic_algorithms(True, warn_only=True)
     say = print if rank == 0 else (lambda *a, **k: None)
 
@@ -205,9 +302,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                               "methods": args.methods, "data": data.summary(),
                               "world_size": world}  # fmt: skip
     if rank == 0:
-        if args.fresh and args.report_only:
-            print("error: --report-only never deletes; drop --fresh.", file=sys.stderr)
-            return 2
         if args.fresh and out.exists():
             try:
                 delete_run_folder(out)
@@ -215,9 +309,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"error: --fresh refuses: {err}", file=sys.stderr)
                 return 2
         out.mkdir(parents=True, exist_ok=True)
-        saved = out / "config.json"
-        if saved.is_file():
-            old = json.loads(saved.read_text())
+        try:
+            old = read_config(out)
+        except RunFolderError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if old is not None:
             defaults = dataclasses.asdict(TrainConfig())
             changed = [k for k, v in config["train"].items()
                        if old["train"].get(k, defaults[k]) != v]  # fmt: skip
@@ -225,9 +322,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"error: {out} holds runs with another configuration; use --fresh or "
                       "another --out.", file=sys.stderr)  # fmt: skip
                 return 2
-        tmp = saved.with_suffix(".tmp")  # never a half-written config.json
-        tmp.write_text(json.dumps(tagged(config), indent=1))
-        os.replace(tmp, saved)
+        write_atomic(out / "config.json", json.dumps(tagged(config), indent=1))
     if world > 1:
         dist.barrier()
 
@@ -244,9 +339,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.report_only:
         jobs, total = [], 0
         for method, seed in [(m, s) for s in seeds for m in args.methods]:
-            path = out / "runs" / f"{method}_seed{seed}" / "result.json"
-            if path.is_file():
-                done[(method, seed)] = json.loads(path.read_text())
+            result = read_result(out / "runs" / f"{method}_seed{seed}" / "result.json")
+            if result is not None:
+                done[(method, seed)] = result
         seeds = [s for s in seeds if all((m, s) in done for m in args.methods)]
         say(f"Finished seeds for every method: {seeds}")
         if not seeds:
@@ -261,9 +356,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if rank == 0:
         header = (f"Test-slab Dice and 95% Hausdorff distance, mean ± sample std over seeds "
                   f"{seeds}; {iterations} iterations per run for every method. Metrics per "
-                  "test slice, averaged over slices; HD95 in mm, a class missing from the "
-                  "prediction or the label of a slice scores the image diagonal, missing from "
-                  "both scores 0. s / iter: wall-clock seconds per training iteration of one "
+                  "test slice, averaged over slices (HD95 in mm): in a slice, a class missing "
+                  "from both the prediction and the label scores Dice 1 and HD95 0, missing "
+                  "from one of them Dice 0 and HD95 the image diagonal; a class missing from "
+                  "every test label is n/a and left out of the means. s / iter: wall-clock "
+                  "seconds per training iteration of one "
                   f"worker ({args.threads} thread), which the machine's load inflates."
                   f"\n\nData: {data.summary()}.")  # fmt: skip
         if not args.full:

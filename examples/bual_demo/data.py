@@ -1,6 +1,6 @@
 """Data for the example trainer: the MNI ICBM152 2009a template, or a user's NIfTI / HDF5 files.
 
-Everything becomes 2D slices ``(N, 1, H, W)`` float32 (intensity-normalised per slice) with
+Everything becomes 2D slices ``(N, 1, H, W)`` float32 (intensity-normalised per volume) with
 integer labels ``(N, H, W)``, split into labeled, unlabeled, validation and test sets that never
 share a slice (and, where slices come from one volume, are separated by gaps of unused slices).
 """
@@ -48,6 +48,8 @@ class SliceData:
     class_names: tuple[str, ...]
     spacing: tuple[float, float]  # mm per pixel (rows, cols), for the Hausdorff distance
     description: str
+    #: the label id of unannotated voxels (``--ignore-label``): never trained on, never scored
+    ignore_index: Optional[int] = None
 
     @property
     def num_classes(self) -> int:
@@ -57,7 +59,8 @@ class SliceData:
         size = tuple(self.labeled_x.shape[-2:])
         return (
             f"{self.description}: slices {size[0]}x{size[1]} px "
-            f"({self.spacing[0]:g}x{self.spacing[1]:g} mm), {len(self.labeled_x)} labeled, "
+            f"({self.spacing[0]:g}x{self.spacing[1]:g} mm, intensities scaled per volume), "
+            f"{len(self.labeled_x)} labeled, "
             f"{len(self.unlabeled_x)} unlabeled, {len(self.val_x)} validation, "
             f"{len(self.test_x)} test; classes {', '.join(self.class_names)}"
         )
@@ -67,15 +70,23 @@ class SliceData:
 # slice utilities
 
 
-def normalize_slices(x: np.ndarray) -> np.ndarray:
-    """Per-slice percentile scaling: the 1st percentile -> 0, the 99th -> 1, then clipped.
+def normalize_volume(x: np.ndarray) -> np.ndarray:
+    """Per-volume percentile scaling over the foreground: the volume's 1st percentile -> 0, its
+    99th -> 1, then clipped to ``[-0.5, 1.5]``.
 
-    ``x`` is ``(N, H, W)``; constant slices become all zeros.
+    ``x`` is the ``(N, H, W)`` slices of one volume. The foreground is the voxels above the
+    volume's minimum: the nonzero region nnU-Net normalises MRI in, for any background value
+    (zero padding, air at -1024), and the whole volume when the background is noise. One scale
+    for the whole volume keeps a slice's intensities comparable with its neighbours' (per-slice
+    percentiles turned slices with little tissue into near-binary noise); the statistics never
+    read a label. A constant volume becomes all zeros.
     """
     x = x.astype(np.float32)
-    lo = np.percentile(x, 1, axis=(1, 2), keepdims=True)
-    hi = np.percentile(x, 99, axis=(1, 2), keepdims=True)
-    scale = np.where(hi - lo > 1e-8, hi - lo, 1.0)
+    foreground = x[x > x.min()] if x.size else x
+    if foreground.size == 0:
+        return np.zeros_like(x)
+    lo, hi = np.percentile(foreground, [1, 99])
+    scale = hi - lo if hi - lo > 1e-8 else 1.0
     return np.clip((x - lo) / scale, -0.5, 1.5).astype(np.float32)
 
 
@@ -201,6 +212,17 @@ class SlabSplit:
     test: tuple[int, int] = (125, 150)
     gap: int = 3  # slices left out on each side of a labeled slice
 
+    def check(self) -> None:
+        """Raise ``DataError`` unless the slabs are ordered, disjoint and inside the volume."""
+        slabs = [self.train, self.val, self.test]
+        for (a0, a1), (b0, b1) in zip(slabs, slabs[1:]):
+            if not (0 <= a0 < a1 <= b0 < b1 <= MNI_SHAPE[2]):
+                raise DataError(
+                    f"slabs [start, stop) must be ordered and disjoint inside the volume's "
+                    f"{MNI_SHAPE[2]} slices, got train {self.train}, val {self.val}, "
+                    f"test {self.test}."
+                )
+
 
 def mni_data(
     *,
@@ -212,22 +234,20 @@ def mni_data(
     data_seed: int = 0,
 ) -> SliceData:
     """Axial slices of the MNI ICBM152 2009a T1 with background/CSF, GM, WM labels."""
-    starts = [split.train, split.val, split.test]
-    for (a0, a1), (b0, b1) in zip(starts, starts[1:]):
-        if not (0 <= a0 < a1 <= b0 < b1 <= MNI_SHAPE[2]):
-            raise DataError(f"slabs must be ordered and disjoint inside the volume, got {split}.")
+    split.check()
     z0, z1 = split.train[0], split.test[1]
     image, label = load_mni((z0, z1))
     image = corrupt_volume(image, data_seed, strength=corruption, full_shape=MNI_SHAPE,
                            z_offset=z0)  # fmt: skip
     # axial slices: (X, Y, Z) -> (Z, Y, X) so rows run anterior-posterior; flip for display.
-    image = np.flip(image.transpose(2, 1, 0), axis=1)
+    # One intensity scale for the loaded span of the volume (train to test slab).
+    image = normalize_volume(np.flip(image.transpose(2, 1, 0), axis=1))
     label = np.flip(label.transpose(2, 1, 0), axis=1)
     h, w = image.shape[1] // downsample, image.shape[2] // downsample
 
     def take(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = lo - z0, hi - z0
-        x, y = resize_slices(normalize_slices(image[lo:hi]), label[lo:hi], (h, w), 3)
+        x, y = resize_slices(image[lo:hi], label[lo:hi], (h, w), 3)
         return center_crop_or_pad(x, size), center_crop_or_pad(y, size)
 
     train_x, train_y = take(*split.train)
@@ -283,11 +303,25 @@ def _check_pair(image: np.ndarray, label: np.ndarray, source: str) -> None:
 _NIFTI = re.compile(r"^(?P<case>.+?)(_0000)?\.nii(\.gz)?$")
 
 
+def _unreadable(path: Path, kind: str, err: BaseException) -> DataError:
+    first = str(err).strip().splitlines()
+    reason = first[0][:200] if first else type(err).__name__
+    return DataError(f"{path} is not a readable {kind} file ({reason}).")
+
+
+def _read_nifti(path: Path, dtype: Optional[type] = None) -> np.ndarray:
+    """The array of one NIfTI file; any failure to read it names the file."""
+    import nibabel as nib
+
+    try:
+        return np.asarray(nib.load(path).dataobj, dtype=dtype)
+    except Exception as err:  # nibabel, gzip and zlib raise many types for a broken file
+        raise _unreadable(path, "NIfTI", err) from None
+
+
 def read_nifti_dir(folder: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Cases ``(name, image, label)`` from ``folder/images/NAME.nii[.gz]`` and
     ``folder/labels/NAME.nii[.gz]`` (an nnU-Net ``_0000`` suffix on images is accepted)."""
-    import nibabel as nib
-
     folder = Path(folder)
     images_dir, labels_dir = folder / "images", folder / "labels"
     for d in (images_dir, labels_dir):
@@ -310,8 +344,8 @@ def read_nifti_dir(folder: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
             raise DataError(
                 f"missing label for {p}: expected {labels_dir / (m['case'] + '.nii.gz')}."
             )
-        image = np.asarray(nib.load(p).dataobj, dtype=np.float32)
-        label = np.asarray(nib.load(labels[m["case"]]).dataobj)
+        image = _read_nifti(p, np.float32)
+        label = _read_nifti(labels[m["case"]])
         _check_pair(image, label, f"{p.name} / {labels[m['case']].name}")
         label = _check_labels(label, str(labels[m["case"]]))
         if image.ndim == 3:  # axial slices along the last axis -> (Z, X, Y)
@@ -330,30 +364,49 @@ _SLICE = re.compile(r"^(?P<case>.+?)(_slice_?\d+)?\.h5$")
 def read_h5_dir(folder: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Cases from SSL4MIS-style ``*.h5`` files with ``image`` and ``label`` datasets.
 
-    2D files (``patient001_frame01_slice_3.h5``) are grouped into a case by the name before
-    ``_slice_N``; a 3D file is one case sliced along its first axis.
+    Only the files directly in ``folder`` are read, never its subfolders: SSL4MIS's ACDC folder
+    holds the 3D volumes and, in ``slices/``, the same data again as 2D slices. 2D files
+    (``patient001_frame01_slice_3.h5``) are grouped into a case by the name before
+    ``_slice_N``; a 3D file is one case sliced along its first axis. A case made of both (a 3D
+    file and 2D slices of the same name) is refused.
     """
     import h5py
 
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"missing folder {folder} (--h5-dir).")
-    files = sorted(folder.rglob("*.h5"))
+    files = sorted(p for p in folder.glob("*.h5") if p.is_file())
     if not files:
-        raise DataError(f"no *.h5 files found in {folder}.")
+        below = sorted({p.parent for p in folder.rglob("*.h5")})
+        hint = f" (subfolders are not read; found some in {below[0]})" if below else ""
+        raise DataError(f"no *.h5 files found in {folder}{hint}.")
     grouped: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    dims: dict[str, dict[int, Path]] = {}
     for p in files:
-        with h5py.File(p, "r") as f:
-            for key in ("image", "label"):
-                if key not in f:
-                    raise DataError(f"{p}: missing dataset '{key}' (found {sorted(f.keys())}).")
-            image, label = np.asarray(f["image"], dtype=np.float32), np.asarray(f["label"])
+        try:
+            with h5py.File(p, "r") as f:
+                found = sorted(f.keys())
+                if "image" in found and "label" in found:
+                    image = np.asarray(f["image"], dtype=np.float32)
+                    label = np.asarray(f["label"])
+        except (OSError, KeyError, ValueError, TypeError) as err:  # not HDF5, truncated, ...
+            raise _unreadable(p, "HDF5", err) from None
+        for key in ("image", "label"):
+            if key not in found:
+                raise DataError(f"{p}: missing dataset '{key}' (found {found}).")
         _check_pair(image, label, str(p))
         label = _check_labels(label, str(p))
         m = _SLICE.match(p.name)
         case = m["case"] if m else p.stem
         num = re.findall(r"\d+", p.stem)
         order = int(num[-1]) if num else 0
+        dims.setdefault(case, {}).setdefault(image.ndim, p)
+        if len(dims[case]) > 1:
+            raise DataError(
+                f"case {case} mixes a 3D volume ({dims[case][3]}) and 2D slices "
+                f"({dims[case][2]}): put one kind in --h5-dir (SSL4MIS keeps the slices in "
+                "slices/)."
+            )
         if image.ndim == 2:
             image, label = image[None], label[None]
         grouped.setdefault(case, []).append((order, image, label))
@@ -368,69 +421,220 @@ def read_h5_dir(folder: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
     return cases
 
 
+#: More distinct label values than this and the "labels" are taken for an image.
+MAX_CLASSES = 64
+
+
+def remap_labels(
+    cases: list[tuple[str, np.ndarray, np.ndarray]], ignore_label: Optional[int] = None
+) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], tuple[str, ...], Optional[int], str]:
+    """Label values -> contiguous class ids ``0 .. C-1``, in sorted order.
+
+    Labels ``{0, 1, 5}`` become classes 0, 1, 2 (not 6 classes, three of them empty). Voxels
+    labelled ``ignore_label`` (e.g. 255 for unannotated voxels) get the id ``C`` that the losses
+    and metrics ignore; without ``ignore_label`` every value found is a class. Returns the
+    remapped cases, the class names (``background`` for value 0, else ``label V``), the ignore
+    id (or None) and a note of the mapping for the data summary ("" when nothing changed).
+    """
+    found = {name: np.unique(label) for name, _, label in cases}
+    values = np.unique(np.concatenate(list(found.values())))
+    ignored = ignore_label is not None and bool(np.any(values == ignore_label))
+    if ignore_label is not None:
+        values = values[values != ignore_label]
+    if len(values) < 2:
+        raise DataError(
+            f"the labels hold the single value {values.tolist()} (besides any --ignore-label); "
+            "need a background and at least one class."
+        )
+    if len(values) > MAX_CLASSES:
+        name = max(found, key=lambda n: len(found[n]))
+        raise DataError(
+            f"the labels hold {len(values)} distinct values (case {name}: {len(found[name])}, "
+            f"from {found[name].min()} to {found[name].max()}); more than {MAX_CLASSES} "
+            "classes: is an image in the labels folder?"
+        )
+    n_cls = len(values)
+    ignore_index = n_cls if ignore_label is not None else None
+    out = []
+    for name, image, label in cases:
+        ids = np.searchsorted(values, label)
+        if ignore_index is not None:
+            ids = np.where(label == ignore_label, ignore_index, ids)
+        out.append((name, image, ids.astype(np.int64)))
+    names = tuple("background" if v == 0 else f"label {v}" for v in values.tolist())
+    notes = []
+    if not np.array_equal(values, np.arange(n_cls)):
+        notes.append(f"label values {', '.join(map(str, values.tolist()))} -> classes "
+                     f"0..{n_cls - 1}")  # fmt: skip
+        if values[0] != 0:
+            names = (f"label {values[0]} (background)", *names[1:])
+    if ignore_label is not None:
+        notes.append(f"label {ignore_label} ignored" + ("" if ignored else " (none found)"))
+    return out, names, ignore_index, "; ".join(notes)
+
+
+SPLITS = ("training", "validation", "test")
+#: Shares of one volume's slices (after the gaps) for training, validation and test.
+VOLUME_SHARES = (0.6, 0.1, 0.3)
+
+
+def _presence(y: torch.Tensor, num_classes: int) -> np.ndarray:
+    """``(N, C)``: whether slice ``n`` holds a voxel of class ``c``."""
+    return np.stack([(y == c).flatten(1).any(1).numpy() for c in range(num_classes)], 1)
+
+
+def _ranges(indices: np.ndarray) -> str:
+    """``[3, 4, 5, 9]`` -> ``"3..5, 9"``."""
+    runs: list[list[int]] = []
+    for i in indices.tolist():
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(f"{a}..{b}" if b > a else f"{a}" for a, b in runs)
+
+
+def _block_slabs(z: int, blocks: int, gap: int) -> Optional[list[list[int]]]:
+    """Training, validation and test slices of one volume of ``z`` slices cut into ``blocks``
+    equal blocks, each cut into training | validation | test slabs (``VOLUME_SHARES``) with
+    ``gap`` unused slices between two slabs and between two blocks; None if a slab is empty."""
+    edges = np.linspace(0, z, blocks + 1).round().astype(int)
+    parts: list[list[int]] = [[], [], []]
+    for b in range(blocks):
+        lo, hi = int(edges[b]), int(edges[b + 1]) - (gap if b < blocks - 1 else 0)
+        usable = hi - lo - 2 * gap
+        n_val = max(1, round(VOLUME_SHARES[1] * usable))
+        n_test = max(1, round(VOLUME_SHARES[2] * usable))
+        n_train = usable - n_val - n_test
+        if n_train < 1:
+            return None
+        val_lo = lo + n_train + gap
+        parts[0] += range(lo, lo + n_train)
+        parts[1] += range(val_lo, val_lo + n_val)
+        parts[2] += range(val_lo + n_val + gap, hi)
+    return parts
+
+
+def split_volume(
+    name: str, y: torch.Tensor, names: tuple[str, ...], gap: int
+) -> tuple[list[list[int]], int]:
+    """Slabs of one volume such that training, validation and test each hold every class.
+
+    First the plain split (training, validation, test slabs along the slices, ``gap`` slices
+    between them). When a class is missing from a split (an object that occupies a few middle
+    slices), the volume is cut into 2, 3, ... blocks, each split the same way, and the fewest
+    blocks that give every split every class are used. Raises ``DataError`` naming the class
+    and its slices when no number of blocks does. Returns the three lists of slice indices and
+    the number of blocks.
+    """
+    present = _presence(y, len(names))
+    lost = [names[c] for c in np.flatnonzero(~present.any(0))]
+    if lost:
+        raise DataError(
+            f"case {name}: {', '.join(lost)} has no voxel left after resizing the slices to "
+            f"{tuple(y.shape[-2:])} (too small): use a larger --size."
+        )
+    first: Optional[list[list[int]]] = None
+    blocks = 1
+    while (parts := _block_slabs(len(y), blocks, gap)) is not None:
+        first = first or parts
+        if all(present[p].any(0).all() for p in parts):
+            return parts, blocks
+        blocks += 1
+    if first is None:
+        raise DataError(
+            f"case {name}: one volume of {len(y)} slices is too few to split into training, "
+            f"validation and test slabs with --gap {gap}; use a smaller --gap or give >= 3 "
+            "cases."
+        )
+    where = "; ".join(
+        f"{names[c]} occupies slices {_ranges(np.flatnonzero(present[:, c]))}"
+        for c in range(len(names)) if not all(present[p, c].any() for p in first)
+    )  # fmt: skip
+    raise DataError(
+        f"case {name}: cannot split one volume of {len(y)} slices so that the training, "
+        f"validation and test slabs (gap {gap}) each hold every class ({where}); give three or "
+        "more cases (whole cases per split) or a smaller --gap."
+    )
+
+
 def cases_data(
     cases: list[tuple[str, np.ndarray, np.ndarray]],
     *,
     labeled: int,
     size: tuple[int, int],
     description: str,
-    num_classes: Optional[int] = None,
     gap: int = 3,
     spacing: tuple[float, float] = (1.0, 1.0),
+    ignore_label: Optional[int] = None,
 ) -> SliceData:
     """Split cases into train (labeled + unlabeled) / validation / test.
 
-    Several cases: whole cases go to one split (70% / 10% / 20%, at least one each). One case:
-    slabs along its slices (60% / 10% / 20% with gaps). Labeled slices are spread evenly over
-    the training slices; the unlabeled ones are the rest, minus ``gap`` neighbours each side.
+    Label values become contiguous classes (``remap_labels``); each case is normalised as a
+    volume (``normalize_volume``) and resized to ``size``. Several cases: whole cases go to one
+    split (70% / 10% / 20%, at least one each), and the description says which class a split
+    lacks. One case: slabs along its slices that each hold every class (``split_volume``).
+    Labeled slices are spread evenly over the training slices; the unlabeled ones are the
+    rest, minus ``gap`` neighbours each side.
     """
-    n_cls = num_classes or int(max(int(c[2].max()) for c in cases)) + 1
-    if n_cls < 2:
-        raise DataError("labels contain a single class; need at least two.")
-
-    def stack(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = [], []
-        for image, label in parts:
-            x, y = resize_slices(normalize_slices(image), label, size, n_cls)
-            xs.append(x)
-            ys.append(y)
-        return torch.cat(xs), torch.cat(ys)
-
+    cases, names, ignore_index, note = remap_labels(cases, ignore_label)
+    notes = [note] if note else []
+    n_ids = len(names) + (ignore_index is not None)  # the ignored voxels resize as one more id
+    volumes = [resize_slices(normalize_volume(image), label, size, n_ids)
+               for _, image, label in cases]  # fmt: skip
     if len(cases) >= 3:
         n = len(cases)
         n_test = max(1, round(0.2 * n))
         n_val = max(1, round(0.1 * n))
-        train = cases[: n - n_val - n_test]
-        val, test = cases[len(train) : n - n_test], cases[n - n_test :]
-        train_parts = [(c[1], c[2]) for c in train]
-        case_of = np.concatenate([np.full(len(c[1]), i) for i, c in enumerate(train)])
-        val_parts, test_parts = [(c[1], c[2]) for c in val], [(c[1], c[2]) for c in test]
+        groups = [range(n - n_val - n_test), range(n - n_val - n_test, n - n_test),
+                  range(n - n_test, n)]  # fmt: skip
+        splits = [[(i, z) for i in g for z in range(len(volumes[i][1]))] for g in groups]
+        for split, g in zip(SPLITS, groups):
+            held = np.concatenate([_presence(volumes[i][1], len(names)) for i in g]).any(0)
+            if not held[1:].all():
+                lack = ", ".join(names[c] for c in np.flatnonzero(~held) if c > 0)
+                notes.append(f"the {split} cases hold no {lack}" +
+                             (": n/a in the table" if split == "test" else ""))  # fmt: skip
     elif len(cases) == 1:
-        _, image, label = cases[0]
-        z = len(image)
-        a, b, c = int(0.6 * z), int(0.7 * z), int(0.8 * z)
-        if c + 2 * gap >= z or a < 2:
-            raise DataError(f"one case with {z} slices is too few to split; give >= 3 cases.")
-        train_parts = [(image[:a], label[:a])]
-        val_parts = [(image[a + gap : b], label[a + gap : b])]
-        test_parts = [(image[b + gap :], label[b + gap :])]
-        case_of = np.zeros(a, dtype=int)
+        parts, blocks = split_volume(cases[0][0], volumes[0][1], names, gap)
+        splits = [[(0, z) for z in p] for p in parts]
+        if blocks > 1:
+            notes.append(f"slabs from {blocks} interleaved blocks, so that every split holds "
+                         "every class")  # fmt: skip
     else:
         raise DataError(f"need one case (split into slabs) or at least three, got {len(cases)}.")
-    train_x, train_y = stack(train_parts)
+
+    def gather(split: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.stack([volumes[i][0][z] for i, z in split])
+        y = torch.stack([volumes[i][1][z] for i, z in split])
+        return x, y
+
+    train_x, train_y = gather(splits[0])
     lab_idx = spread_indices(len(train_x), labeled)
-    unl_idx = [i for i in range(len(train_x))
-               if all(abs(i - j) > gap or case_of[i] != case_of[j] for j in lab_idx)]  # fmt: skip
+    unl_idx = [k for k, (i, z) in enumerate(splits[0])
+               if all(i != splits[0][j][0] or abs(z - splits[0][j][1]) > gap
+                      for j in lab_idx)]  # fmt: skip
     _require_unlabeled(unl_idx, len(train_x), gap)
-    val_x, val_y = stack(val_parts)
-    test_x, test_y = stack(test_parts)
-    names = tuple(["background"] + [f"class {c}" for c in range(1, n_cls)])
+    val_x, val_y = gather(splits[1])
+    test_x, test_y = gather(splits[2])
+    if notes:
+        description = f"{description} ({'; '.join(notes)})"
     return SliceData(
         labeled_x=train_x[lab_idx], labeled_y=train_y[lab_idx],
         unlabeled_x=train_x[unl_idx], unlabeled_y=train_y[unl_idx],
         val_x=val_x, val_y=val_y, test_x=test_x, test_y=test_y,
         class_names=names, spacing=spacing, description=description,
+        ignore_index=ignore_index,
     )  # fmt: skip
+
+
+def example_slice(labels: torch.Tensor, num_classes: int) -> int:
+    """The slice a figure shows: among the slices that hold the most foreground classes (ids
+    ``1 .. num_classes - 1``), the one nearest the middle; a slice without foreground would
+    show nothing of what the models segment."""
+    counts = _presence(labels, num_classes)[:, 1:].sum(1)
+    candidates = np.flatnonzero(counts == counts.max())
+    return int(candidates[np.argmin(np.abs(candidates - len(labels) // 2))])
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,11 +41,11 @@ from torch import nn
 from bual_losses import ErrorDetectionAccumulator, entropy_map, mc_dropout_uncertainty
 from bual_losses.pseudo import pseudo_labels
 
-from .__main__ import build_parser, load_data
-from .data import DataError, SliceData
+from .__main__ import load_data, parse_args
+from .data import DataError, SliceData, example_slice
 from .model import UNet2D
 from .report import LABELS
-from .runfolder import RunFolderError, load_checkpoint
+from .runfolder import RunFolderError, load_checkpoint, read_config
 from .train import TrainConfig
 
 ESTIMATORS = ("entropy", "mc_dropout")
@@ -82,8 +82,9 @@ def load_teacher(folder: Path, method: str, data: SliceData, cfg: TrainConfig) -
     return model.eval()
 
 
-def _accumulator() -> ErrorDetectionAccumulator:
-    return ErrorDetectionAccumulator(from_logits=True, thresholds=THRESHOLDS, ratios=RATIOS)
+def _accumulator(ignore_index: Optional[int]) -> ErrorDetectionAccumulator:
+    return ErrorDetectionAccumulator(from_logits=True, thresholds=THRESHOLDS, ratios=RATIOS,
+                                     ignore_index=ignore_index)  # fmt: skip
 
 
 @torch.no_grad()
@@ -92,7 +93,7 @@ def teacher_reports(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Reports of both maps over the unlabeled slab, plus the maps themselves for the figures."""
     torch.manual_seed(seed)  # the dropout masks of the MC passes
-    accs = {name: _accumulator() for name in ESTIMATORS}
+    accs = {name: _accumulator(data.ignore_index) for name in ESTIMATORS}
     logits_all, maps = [], {name: [] for name in ESTIMATORS}
     x, y = data.unlabeled_x, data.unlabeled_y
     for i in range(0, len(x), batch):
@@ -197,13 +198,15 @@ def figures(
     fig.set_size_inches(6.4, 4.5)
     paths.append(out / "error_rate_vs_ratio.png")
     fig.savefig(paths[-1], dpi=dpi)
-    # the unlabeled slice in the middle of the slab, the high region at the top-RATIO threshold
-    k = len(data.unlabeled_x) // 2
+    # an unlabeled slice with foreground (example_slice), the high region at the top-RATIO
+    # threshold
+    k = example_slice(data.unlabeled_y, data.num_classes)
     pred = pseudo_labels(arrays["logits"][k], dim=0)
     tau = _at(report, "ratio_thresholds", "ratios", RATIO)
     fig = plot_error_overlay(
         data.unlabeled_x[k, 0], data.unlabeled_y[k], pred, arrays["entropy"][k],
-        threshold=round(tau, 3), num_classes=data.num_classes, figsize=(15.0, 3.6),
+        threshold=round(tau, 3), ignore_index=data.ignore_index, num_classes=data.num_classes,
+        figsize=(15.0, 3.6),
     )  # fmt: skip
     paths.append(out / "error_overlay.png")
     fig.savefig(paths[-1], dpi=dpi)
@@ -215,7 +218,9 @@ def diagnose(
     log: Any = print,
 ) -> dict[str, Any]:  # fmt: skip
     """Diagnostics of every finished run under ``run_dir``; writes the table, JSON, figures."""
-    config = json.loads((run_dir / "config.json").read_text())
+    config = read_config(run_dir)
+    if config is None:
+        raise RunFolderError(f"{run_dir} has no config.json: not a comparison's run folder.")
     if config["data"] != data.summary():
         raise DataError(
             f"{run_dir} was trained on other data:\n  run:   {config['data']}\n  "
@@ -297,7 +302,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--mc-passes", type=int, default=8, help="MC-dropout passes (default 8)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     args, rest = p.parse_known_args(argv)
-    data_args = build_parser().parse_args(rest)
+    data_args = parse_args(rest)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     start = time.perf_counter()

@@ -59,13 +59,30 @@ def hd95(
 
 
 def evaluate(
-    pred: np.ndarray, target: np.ndarray, num_classes: int, spacing: tuple[float, float]
-) -> dict[str, list[float]]:
-    """Per-class Dice and HD95 (classes ``1..C-1``), averaged over the slices of ``(N, H, W)``."""
-    out: dict[str, list[float]] = {"dice": [], "hd95": []}
+    pred: np.ndarray,
+    target: np.ndarray,
+    num_classes: int,
+    spacing: tuple[float, float],
+    ignore_index: Optional[int] = None,
+) -> dict[str, list[Optional[float]]]:
+    """Per-class Dice and HD95 (classes ``1..C-1``), averaged over the slices of ``(N, H, W)``.
+
+    In a slice where a class is absent from both the target and the prediction it scores Dice
+    1 and HD95 0 (see ``dice`` and ``hd95``). A class absent from the whole ``target`` is
+    ``None`` (n/a): every slice would score 1 / 0 (or 0 / the diagonal for a false positive),
+    measuring nothing about the class and inflating (or deflating) the mean over classes.
+    Voxels whose target is ``ignore_index`` count for neither mask.
+    """
+    out: dict[str, list[Optional[float]]] = {"dice": [], "hd95": []}
+    annotated = np.ones(target.shape, bool) if ignore_index is None else target != ignore_index
     for c in range(1, num_classes):
-        d = [dice(p == c, t == c) for p, t in zip(pred, target)]
-        h = [hd95(p == c, t == c, spacing) for p, t in zip(pred, target)]
+        if not np.any(target == c):
+            out["dice"].append(None)
+            out["hd95"].append(None)
+            continue
+        found = (pred == c) & annotated
+        d = [dice(p, t == c) for p, t in zip(found, target)]
+        h = [hd95(p, t == c, spacing) for p, t in zip(found, target)]
         out["dice"].append(float(np.mean(d)))
         out["hd95"].append(float(np.mean(h)))
     return out

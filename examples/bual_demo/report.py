@@ -17,30 +17,41 @@ LABELS = {
 }
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def _stats(values: Any) -> dict[str, Any]:
+    """Mean and sample std (n - 1) over seeds; NaN (a class that is n/a) becomes ``None``."""
     a = np.asarray(values, dtype=float)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+    if np.isnan(a).any():
+        return {"mean": None, "std": None, "values": [None] * len(a)}
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+            "values": a.tolist()}  # fmt: skip
+
+
+def _class_means(runs: list[dict[str, Any]], metric: str) -> np.ndarray:
+    """Per run, the mean over the classes that are not n/a (``None`` in ``evaluate``)."""
+    per_class = np.asarray([r[metric] for r in runs], dtype=float)  # None -> NaN
+    if np.isnan(per_class).all(axis=1).any():
+        return np.full(len(runs), np.nan)
+    return np.nanmean(per_class, axis=1)
 
 
 def summarize(results: dict[str, list[dict[str, Any]]], class_names: tuple[str, ...]) -> dict:
-    """Per method: mean and sample std (n - 1) over seeds of every metric."""
+    """Per method: mean and sample std (n - 1) over seeds of every metric. A class absent from
+    the test labels is n/a (``None``) and left out of the means over classes."""
     summary: dict[str, Any] = {}
     for method, runs in results.items():
         entry: dict[str, Any] = {"seeds": [r["seed"] for r in runs]}
         for metric in ("dice", "hd95"):
-            per_class = np.asarray([r[metric] for r in runs])  # (seeds, classes)
+            per_class = np.asarray([r[metric] for r in runs], dtype=float)  # (seeds, classes)
             for c, name in enumerate(class_names[1:]):
-                values = per_class[:, c].tolist()
-                m, s = _mean_std(values)
-                entry[f"{metric}/{name}"] = {"mean": m, "std": s, "values": values}
-            m, s = _mean_std(per_class.mean(axis=1).tolist())
-            entry[f"{metric}/mean"] = {"mean": m, "std": s, "values": per_class.mean(1).tolist()}
+                entry[f"{metric}/{name}"] = _stats(per_class[:, c])
+            entry[f"{metric}/mean"] = _stats(_class_means(runs, metric))
         if "supervised" in results and method != "supervised":
-            base = {r["seed"]: float(np.mean(r["dice"])) for r in results["supervised"]}
-            diff = [float(np.mean(r["dice"])) - base[r["seed"]] for r in runs if r["seed"] in base]
+            base = dict(zip([r["seed"] for r in results["supervised"]],
+                            _class_means(results["supervised"], "dice")))  # fmt: skip
+            means = _class_means(runs, "dice")
+            diff = [float(m - base[r["seed"]]) for r, m in zip(runs, means) if r["seed"] in base]
             if diff:
-                m, s = _mean_std(diff)
-                entry["dice/mean minus supervised"] = {"mean": m, "std": s, "values": diff}
+                entry["dice/mean minus supervised"] = _stats(diff)
         entry["seconds_per_iteration"] = float(np.mean([r["seconds_per_iteration"] for r in runs]))
         entry["seconds"] = float(np.sum([r["seconds"] for r in runs]))
         summary[method] = entry
@@ -58,9 +69,10 @@ def markdown_table(summary: dict[str, Any], class_names: tuple[str, ...]) -> str
         for metric, fmt in (("dice", "{:.3f} ± {:.3f}"), ("hd95", "{:.2f} ± {:.2f}")):
             for n in [*names, "mean"]:
                 v = e[f"{metric}/{n}"]
-                cells.append(fmt.format(v["mean"], v["std"]))
+                cells.append("n/a" if v["mean"] is None else fmt.format(v["mean"], v["std"]))
         d = e.get("dice/mean minus supervised")
-        cells.append(f"{d['mean']:+.3f} ± {d['std']:.3f}" if d else "")
+        cells.append("" if not d else "n/a" if d["mean"] is None
+                     else f"{d['mean']:+.3f} ± {d['std']:.3f}")  # fmt: skip
         cells.append(f"{e['seconds_per_iteration']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

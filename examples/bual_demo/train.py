@@ -29,12 +29,14 @@ from bual_losses import (
 )
 from bual_losses.pseudo import pseudo_labels
 
-from .data import SliceData, augment
+from .data import SliceData, augment, example_slice
 from .metrics import evaluate
 from .model import UNet2D, ema_update, make_teacher
-from .runfolder import load_checkpoint
+from .runfolder import DamagedCheckpoint, load_checkpoint, read_result, warn, write_atomic
 
 SEMI = ("mean_teacher", "uamt", "bual")
+#: ``bual_uncertainty``: the library's entropy of the teacher, or UA-MT's MC-dropout estimate.
+UNCERTAINTIES = ("entropy", "mc")
 
 
 @dataclasses.dataclass
@@ -87,13 +89,20 @@ def predict(model: nn.Module, x: torch.Tensor, batch: int = 16) -> torch.Tensor:
     return out
 
 
-def _mean_dice(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: int) -> float:
+def _annotated(y: torch.Tensor, ignore_index: Optional[int]) -> torch.Tensor:
+    """The voxels with a label (all but ``ignore_index``)."""
+    return torch.ones_like(y, dtype=torch.bool) if ignore_index is None else y != ignore_index
+
+
+def _mean_dice(model: nn.Module, x: torch.Tensor, y: torch.Tensor, data: SliceData) -> float:
     pred = pseudo_labels(predict(model, x))
+    annotated = _annotated(y, data.ignore_index)
     scores = []
-    for c in range(1, classes):
-        p, t = pred == c, y == c
-        scores.append((2 * (p & t).sum() / (p.sum() + t.sum()).clamp_min(1)).item())
-    return float(np.mean(scores))
+    for c in range(1, data.num_classes):
+        p, t = (pred == c) & annotated, y == c
+        if t.any():  # a class absent from the validation labels is n/a, as in the test metrics
+            scores.append((2 * (p & t).sum() / (p.sum() + t.sum())).item())
+    return float(np.mean(scores)) if scores else math.nan
 
 
 class Run:
@@ -149,9 +158,17 @@ class Run:
         os.replace(tmp, self.checkpoint_path)
 
     def load(self) -> bool:
+        """Resume from the checkpoint, if any. A damaged one (empty, truncated, not a
+        checkpoint) is skipped with a warning and the run starts afresh; one that pickles more
+        than plain data stops the comparison (``RunFolderError``)."""
         if not self.checkpoint_path.is_file():
             return False
-        state = load_checkpoint(self.checkpoint_path)
+        try:
+            state = load_checkpoint(self.checkpoint_path)
+        except DamagedCheckpoint as err:
+            warn(f"{err.args[0]}; {self.method} seed {self.seed} starts afresh (its next "
+                 "checkpoint replaces the file).")  # fmt: skip
+            return False
         self.student.load_state_dict(state["student"])
         if self.teacher is not None:
             self.teacher.load_state_dict(state["teacher"])
@@ -180,7 +197,7 @@ class Run:
                 idx2 = _sample(len(self.train_x), cfg.unlabeled_batch, g)
                 x2, y2 = augment(self.train_x[idx2], self.train_y[idx2], g)
                 xl, yl = torch.cat([xl, x2]), torch.cat([yl, y2])
-            loss = region_ce_dice_loss(self.model(xl), yl)
+            loss = region_ce_dice_loss(self.model(xl), yl, ignore_index=data.ignore_index)
             log["sup"] = loss.item()
         else:
             assert self.teacher is not None
@@ -193,7 +210,7 @@ class Run:
             lam = float(self.lam(t))
             log["lambda"] = lam
             if self.method in ("mean_teacher", "uamt"):
-                sup = region_ce_dice_loss(zl, yl)
+                sup = region_ce_dice_loss(zl, yl, ignore_index=data.ignore_index)
                 dist_sq = (zu.softmax(1) - zt.softmax(1)).pow(2).mean(1)  # (B, H, W)
                 if self.method == "uamt":
                     est = mc_dropout_uncertainty(
@@ -227,7 +244,8 @@ class Run:
                 loss, parts = bidirectional_loss(
                     zl, yl, zu, zt, step=t, total_steps=cfg.iterations,
                     alpha=cfg.bual_alpha, beta=cfg.bual_beta,
-                    consistency_weight=self.lam, return_parts=True, **kwargs,
+                    consistency_weight=self.lam, ignore_index=data.ignore_index,
+                    return_parts=True, **kwargs,
                 )  # fmt: skip
                 log.update(
                     sup=parts.labeled_loss.item(),
@@ -243,8 +261,10 @@ class Run:
                 trusted = u <= thr
             # diagnostics from the hidden labels (never used for training): pseudo-label error
             with torch.no_grad():
-                wrong = pseudo_labels(zt) != yu
-                log["pl_error"] = wrong.float().mean().item()
+                annotated = _annotated(yu, data.ignore_index)
+                wrong = (pseudo_labels(zt) != yu) & annotated
+                trusted = trusted & annotated
+                log["pl_error"] = (wrong.sum() / annotated.sum().clamp_min(1)).item()
                 log["pl_error_trusted"] = (
                     (wrong & trusted).sum() / trusted.sum().clamp_min(1)
                 ).item()
@@ -278,7 +298,7 @@ class Run:
                 self.history["log"].append({"step": self.step, **log})
             if self.rank == 0 and (self.step % cfg.eval_every == 0 or self.step == cfg.iterations):
                 data = self.data
-                d = _mean_dice(self.student, data.val_x, data.val_y, data.num_classes)
+                d = _mean_dice(self.student, data.val_x, data.val_y, data)
                 self.history["val"].append({"step": self.step, "dice": d})
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations:
                 self.save()
@@ -292,8 +312,9 @@ class Run:
         data = self.data
         logits = predict(self.student, data.test_x)
         pred = pseudo_labels(logits).numpy()
-        metrics = evaluate(pred, data.test_y.numpy(), data.num_classes, data.spacing)
-        k = len(data.test_x) // 2
+        metrics = evaluate(pred, data.test_y.numpy(), data.num_classes, data.spacing,
+                           data.ignore_index)  # fmt: skip
+        k = example_slice(data.test_y, data.num_classes)
         est = mc_dropout_uncertainty(
             self.student.eval(), data.test_x[k : k + 1], passes=self.cfg.mc_passes,
             normalize=True,
@@ -327,18 +348,17 @@ def run_one(
     """Train (or resume, or skip when finished) one run; rank 0 returns its result."""
     result_path = folder / "result.json"
     rank, world = _world()
-    if result_path.is_file():
+    finished = read_result(result_path)  # every rank reads the same file: they agree
+    if finished is not None:
         if progress is not None:
             progress(cfg.iterations)
-        return json.loads(result_path.read_text()) if rank == 0 else None
+        return finished if rank == 0 else None
     run = Run(method, seed, data, cfg, folder)
     run.train(progress)
     result = None
     if rank == 0:
         result = run.test()
-        tmp = result_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result))
-        os.replace(tmp, result_path)
+        write_atomic(result_path, json.dumps(result))
     if world > 1:
         dist.barrier()
     return result
