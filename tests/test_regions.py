@@ -467,7 +467,8 @@ MAP = torch.rand(2, 3, 4)
         (
             lambda: resolve_threshold(MAP, "0.5"),
             TypeError,
-            r"`threshold` must be a number, a tensor, a Schedule, a RatioSchedule or a RelativeThreshold, got str",
+            r"`threshold` must be a number, a tensor, a Schedule, a RatioSchedule or a "
+            r"RelativeThreshold, got str",
         ),
         (
             lambda: high_uncertainty_mask(MAP, torch.rand(3)),

@@ -148,3 +148,25 @@ def test_unreadable_checkpoints_name_the_file_and_the_way_out(
     with pytest.raises(RunFolderError, match="afresh") as info:
         load_checkpoint(path)
     assert str(path) in str(info.value) and "weights_only" not in str(info.value)
+
+
+def test_report_only_takes_the_folders_own_configuration(
+    run_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 15: `--report-only --out F` alone reports F's runs (it said "another
+    configuration; use --fresh", which then deleted them); only the data flags are needed."""
+    before = {p: p.stat().st_mtime_ns for p in run_folder.rglob("*") if p.is_file()}
+    # TINY holds only data flags: methods, seeds and iterations come from the folder
+    assert main([*TINY, "--out", str(run_folder), "--report-only", "--no-diagnostics"]) == 0
+    report = capsys.readouterr().out
+    assert "Supervised only" in report and "2 iterations per run" in report
+    for path, stamp in before.items():  # runs and config untouched (the report is rewritten)
+        if "runs" in path.parts or path.name == "config.json":
+            assert path.stat().st_mtime_ns == stamp, path
+
+
+def test_report_only_names_a_folder_without_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*TINY, "--out", str(tmp_path / "none"), "--report-only"]) == 2
+    assert "holds no config.json" in capsys.readouterr().err

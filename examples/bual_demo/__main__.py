@@ -290,18 +290,38 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.use_deterministic_algorithms(True, warn_only=True)
     say = print if rank == 0 else (lambda *a, **k: None)
 
+    stored: Optional[dict[str, Any]] = None
+    if args.report_only:
+        # the folder's own configuration is the one to report: the run's flags need not be
+        # repeated (only the data flags, to load the same data for the figures)
+        try:
+            stored = read_config(out)
+        except RunFolderError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if stored is None:
+            print(f"error: --report-only: {out} holds no config.json, so no runs to report.",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        seeds, args.methods = list(stored["seeds"]), list(stored["methods"])
+        iterations = int(stored["train"]["iterations"])
     try:
         data = load_data(args)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if stored is not None and stored["data"] != data.summary():
+        print(f"error: --report-only: {out} was trained on other data ({stored['data']}); "
+              "give the data flags of that run.", file=sys.stderr)  # fmt: skip
+        return 2
+    defaults = dataclasses.asdict(TrainConfig())
     cfg = TrainConfig(iterations=iterations, **{
-        f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-        if f.name != "iterations"})  # fmt: skip
+        f.name: stored["train"].get(f.name, defaults[f.name]) if stored else getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig) if f.name != "iterations"})  # fmt: skip
     config: dict[str, Any] = {"train": dataclasses.asdict(cfg), "seeds": seeds,
                               "methods": args.methods, "data": data.summary(),
                               "world_size": world}  # fmt: skip
-    if rank == 0:
+    if rank == 0 and stored is None:
         if args.fresh and out.exists():
             try:
                 delete_run_folder(out)
@@ -315,7 +335,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         if old is not None:
-            defaults = dataclasses.asdict(TrainConfig())
             changed = [k for k, v in config["train"].items()
                        if old["train"].get(k, defaults[k]) != v]  # fmt: skip
             if changed or old["data"] != config["data"]:
