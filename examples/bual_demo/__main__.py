@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import METHODS
+from . import ABLATIONS, ALL_METHODS, METHODS
 from .data import (
     DataError,
     SlabSplit,
@@ -45,7 +45,8 @@ from .runfolder import (
 from .train import UNCERTAINTIES, TrainConfig, init_worker, run_one, worker_job
 
 #: Relative cost of one iteration (measured, 1 thread): longest jobs are scheduled first.
-COST = {"uamt": 0.33, "mean_teacher": 0.15, "bual": 0.15, "full": 0.12, "supervised": 0.075}
+COST = {"uamt": 0.33, "mean_teacher": 0.15, "bual": 0.15, "full": 0.12, "supervised": 0.075,
+        **{m: 0.15 for m in ABLATIONS}}  # fmt: skip
 
 #: The two budgets. The demo shows the pipeline; the full budget is the one to quote.
 BUDGETS = {
@@ -99,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full budget (3 seeds, 600 iterations; 15-90 min on 2 cores) instead of "
                    "the demonstration budget (2 seeds, 200 iterations; 5-12 min)")  # fmt: skip
     p.add_argument("--out", type=Path, help="output folder (default runs/demo or runs/full)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(METHODS),
+                   help="methods to compare (default: the first five; the bual_* variants are "
+                   "the ablation of BUAL's defaults and directions)")
     p.add_argument("--seeds", type=int, help="number of seeds, >= 1 (seeds 0, 1, ...)")
     p.add_argument("--iterations", type=int, help="iterations per run (every method), >= 1")
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -14,7 +14,15 @@ LABELS = {
     "uamt": "UA-MT (MC-dropout entropy mask)",
     "bual": "BUAL (`bidirectional_loss`)",
     "full": "Fully supervised (upper bound)",
+    "bual_uamt": "BUAL, UA-MT thresholds (the former default)",
+    "bual_ratio": "BUAL, ratio regions (top 10% / 20%)",
+    "bual_labeled": "BUAL, labeled emphasis only",
+    "bual_unlabeled": "BUAL, unlabeled selection only",
+    "bual_soft": "BUAL, soft regions (T = 0.05)",
 }
+COLORS = dict(zip(LABELS, ["C0", "C1", "C2", "C3", "C7", "C4", "C5", "C6", "C8", "C9"]))
+SEMI_LOGGED = ("mean_teacher", "uamt", "bual", "bual_uamt", "bual_ratio", "bual_labeled",
+               "bual_unlabeled", "bual_soft")  # fmt: skip
 
 
 def _stats(values: Any) -> dict[str, Any]:
@@ -78,6 +86,90 @@ def markdown_table(summary: dict[str, Any], class_names: tuple[str, ...]) -> str
     return "\n".join(lines)
 
 
+def paired(diff: Any) -> dict[str, Any]:
+    """A paired comparison over seeds: the mean difference, its 95% confidence interval
+    (Student t, n - 1 degrees of freedom), the exact two-sided sign-flip permutation p-value
+    (every one of the 2^n sign patterns; with n = 5 the smallest possible p is 2/32 = 0.0625)
+    and the number of seeds where the difference is positive."""
+    from itertools import product
+
+    from scipy import stats
+
+    d = np.asarray(diff, dtype=float)
+    n = len(d)
+    if n < 2 or np.isnan(d).any():
+        return {"n": n, "mean": None, "ci95": None, "p": None, "positive": None}
+    half = float(stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / np.sqrt(n))
+    observed = abs(d.mean())
+    flips = np.array(list(product((1.0, -1.0), repeat=n)))
+    p = float(np.mean(np.abs((flips * d).mean(axis=1)) >= observed - 1e-12))
+    return {"n": n, "mean": float(d.mean()), "ci95": [float(d.mean() - half),
+            float(d.mean() + half)], "p": p, "positive": int((d > 0).sum())}  # fmt: skip
+
+
+def _last_third(runs: list[dict[str, Any]], key: str) -> Optional[float]:
+    """The mean of a logged quantity over the last third of training, over seeds."""
+    values = []
+    for r in runs:
+        log = r["history"]["log"]
+        tail = [e[key] for e in log if e["step"] > 2 * log[-1]["step"] / 3 and key in e]
+        values += tail
+    return float(np.mean(values)) if values else None
+
+
+def comparison(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per method, paired by seed: the differences of mean Dice and mean HD95 against
+    supervised-only and against UA-MT, the final validation Dice, the region fractions and the
+    teacher's pseudo-label error (all / trusted voxels) over the last third of training."""
+    out: dict[str, Any] = {}
+    for method, runs in results.items():
+        entry: dict[str, Any] = {}
+        for base in ("supervised", "uamt"):
+            if base not in results or base == method:
+                continue
+            ref = {r["seed"]: r for r in results[base]}
+            pairs = [(r, ref[r["seed"]]) for r in runs if r["seed"] in ref]
+            for metric in ("dice", "hd95"):
+                a = _class_means([p[0] for p in pairs], metric) if pairs else np.array([])
+                b = _class_means([p[1] for p in pairs], metric) if pairs else np.array([])
+                entry[f"{metric} vs {base}"] = paired(a - b)
+        entry["validation dice"] = float(np.mean([r["history"]["val"][-1]["dice"] for r in runs]))
+        for key in ("high_fraction", "low_fraction", "pl_error", "pl_error_trusted"):
+            entry[key] = _last_third(runs, key)
+        out[method] = entry
+    return out
+
+
+def _paired_cell(p: Optional[dict[str, Any]], fmt: str) -> str:
+    if not p or p["mean"] is None:
+        return ""
+    lo, hi = p["ci95"]
+    return (f"{fmt.format(p['mean'])} [{fmt.format(lo)}, {fmt.format(hi)}], "
+            f"p = {p['p']:.3f}, {p['positive']}/{p['n']} > 0")  # fmt: skip
+
+
+def comparison_table(comp: dict[str, Any]) -> str:
+    """The paired comparison as Markdown (Dice in points of 0-1 Dice, HD95 in mm)."""
+    head = ["Method", "Δ Dice vs supervised", "Δ HD95 vs supervised (mm)", "Δ Dice vs UA-MT",
+            "Δ HD95 vs UA-MT (mm)", "val Dice", "labeled high / unlabeled low, last third",
+            "pseudo-label error all / trusted, last third"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def pct(v: Optional[float]) -> str:
+        return "n/a" if v is None else f"{v:.1%}"
+
+    for method, e in comp.items():
+        cells = [LABELS.get(method, method)]
+        for key, fmt in (("dice vs supervised", "{:+.3f}"), ("hd95 vs supervised", "{:+.2f}"),
+                         ("dice vs uamt", "{:+.3f}"), ("hd95 vs uamt", "{:+.2f}")):  # fmt: skip
+            cells.append(_paired_cell(e.get(key), fmt))
+        cells.append(f"{e['validation dice']:.3f}")
+        cells.append(f"{pct(e['high_fraction'])} / {pct(e['low_fraction'])}")
+        cells.append(f"{pct(e['pl_error'])} / {pct(e['pl_error_trusted'])}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_report(
     out: Path,
     results: dict[str, list[dict[str, Any]]],
@@ -87,10 +179,21 @@ def write_report(
 ) -> tuple[Path, Path]:
     summary = summarize(results, class_names)
     table = markdown_table(summary, class_names)
+    comp = comparison(results)
+    if any(len(runs) > 1 for runs in results.values()):
+        table += (
+            "\n\n**Paired by seed** (the same seed: the same initial weights and batches): "
+            "mean difference of the class-mean Dice / HD95, [95% confidence interval, Student "
+            "t], exact two-sided sign-flip permutation p-value, seeds with a positive "
+            "difference. val Dice: mean over seeds of the last validation-slab Dice (for "
+            "choosing defaults; the test slab is not used for that). Region fractions and the "
+            "teacher's pseudo-label error (hidden labels) over the last third of training.\n\n"
+            + comparison_table(comp)
+        )
     md = out / "results.md"
     md.write_text(f"{header}\n\n{table}\n")
     js = out / "results.json"
-    js.write_text(json.dumps({"config": config, "summary": summary,
+    js.write_text(json.dumps({"config": config, "summary": summary, "paired": comp,
                               "runs": {m: [{k: v for k, v in r.items() if k != "history"}
                                            for r in rs] for m, rs in results.items()}},
                              indent=1))  # fmt: skip
@@ -107,7 +210,7 @@ def figures(out: Path, results: dict[str, list[dict[str, Any]]], run_dirs: dict)
     folder = out / "figures"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    colors = dict(zip(LABELS, ["C0", "C1", "C2", "C3", "C7"]))
+    colors = COLORS
 
     # 1. training curves: loss and validation Dice, every seed
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -133,7 +236,7 @@ def figures(out: Path, results: dict[str, list[dict[str, Any]]], run_dirs: dict)
 
     # 2. regions over training: fractions, thresholds, pseudo-label error in the trusted region
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for method in ("mean_teacher", "uamt", "bual"):
+    for method in SEMI_LOGGED:
         for i, r in enumerate(results.get(method, [])):
             log = r["history"]["log"]
             steps = [e["step"] for e in log]

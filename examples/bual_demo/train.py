@@ -22,19 +22,22 @@ from bual_losses import (
     mc_dropout_uncertainty,
     rampup_schedule,
     ratio_schedule,
-    ratio_threshold,
     region_ce_dice_loss,
     region_fraction,
+    relative_threshold,
+    resolve_threshold,
     uamt_threshold_schedule,
 )
 from bual_losses.pseudo import pseudo_labels
 
+from . import ABLATIONS
 from .data import SliceData, augment, example_slice
 from .metrics import evaluate
 from .model import UNet2D, ema_update, make_teacher
 from .runfolder import DamagedCheckpoint, load_checkpoint, read_result, warn, write_atomic
 
-SEMI = ("mean_teacher", "uamt", "bual")
+BUAL = ("bual", *ABLATIONS)
+SEMI = ("mean_teacher", "uamt", *BUAL)
 #: ``bual_uncertainty``: the library's entropy of the teacher, or UA-MT's MC-dropout estimate.
 UNCERTAINTIES = ("entropy", "mc")
 
@@ -57,8 +60,8 @@ class TrainConfig:
     bual_alpha: float = 1.0
     bual_beta: float = 0.0
     bual_uncertainty: str = "entropy"  # "entropy" (library default) or "mc" (UA-MT's estimate)
-    bual_high_ratio: Optional[float] = None  # None: UA-MT threshold; r: top-r fraction is high
-    bual_low_ratio: Optional[float] = None  # None: UA-MT threshold; r: top-r fraction dropped
+    bual_high_ratio: Optional[float] = None  # None: the method's threshold; r: top r is high
+    bual_low_ratio: Optional[float] = None  # None: the method's threshold; r: top r dropped
     eval_every: int = 50
     log_every: int = 10
     checkpoint_every: int = 50
@@ -103,6 +106,29 @@ def _mean_dice(model: nn.Module, x: torch.Tensor, y: torch.Tensor, data: SliceDa
         if t.any():  # a class absent from the validation labels is n/a, as in the test metrics
             scores.append((2 * (p & t).sum() / (p.sum() + t.sum())).item())
     return float(np.mean(scores)) if scores else math.nan
+
+
+def bual_options(method: str, cfg: TrainConfig) -> dict[str, Any]:
+    """The ``bidirectional_loss`` options of a BUAL method: ``bual`` keeps the library's
+    defaults; the ablations change one thing each. ``--bual-high-ratio`` / ``--bual-low-ratio``
+    override the thresholds of every variant."""
+    options: dict[str, Any] = {"alpha": cfg.bual_alpha, "beta": cfg.bual_beta}
+    uamt = uamt_threshold_schedule(cfg.iterations, base="normalized")
+    if method == "bual_uamt":  # the former default: UA-MT's 0.75 -> 1.0 of the max entropy
+        options.update(high_threshold=uamt, low_threshold=uamt)
+    elif method == "bual_ratio":  # fixed sizes: top 10 % emphasised, top 20 % distrusted
+        options.update(high_threshold=ratio_schedule(0.1), low_threshold=ratio_schedule(0.2))
+    elif method == "bual_labeled":  # the labeled emphasis alone: every pseudo-label trusted
+        options.update(low_threshold=1.0)  # u <= 1 everywhere
+    elif method == "bual_unlabeled":  # the unlabeled selection alone: no emphasis
+        options.update(alpha=0.0)
+    elif method == "bual_soft":  # soft regions: sigmoid((u - tau) / T)
+        options.update(temperature=0.05)
+    if cfg.bual_high_ratio is not None:
+        options["high_threshold"] = ratio_schedule(cfg.bual_high_ratio)
+    if cfg.bual_low_ratio is not None:
+        options["low_threshold"] = ratio_schedule(cfg.bual_low_ratio)
+    return options
 
 
 class Run:
@@ -230,20 +256,15 @@ class Run:
                 loss = sup + lam * cons
                 log.update(sup=sup.item(), cons=cons.item())
             else:
-                kwargs: dict[str, Any] = {}
+                kwargs = bual_options(self.method, cfg)
                 if cfg.bual_uncertainty == "mc":
                     est = mc_dropout_uncertainty(
                         self.teacher, xu, passes=cfg.mc_passes, noise_std=cfg.teacher_noise,
                         noise_clip=2 * cfg.teacher_noise, batch_repeats=2, normalize=True,
                     )  # fmt: skip
                     kwargs["unlabeled_uncertainty"] = est.predictive_entropy
-                if cfg.bual_high_ratio is not None:
-                    kwargs["high_threshold"] = ratio_schedule(cfg.bual_high_ratio)
-                if cfg.bual_low_ratio is not None:
-                    kwargs["low_threshold"] = ratio_schedule(cfg.bual_low_ratio)
                 loss, parts = bidirectional_loss(
                     zl, yl, zu, zt, step=t, total_steps=cfg.iterations,
-                    alpha=cfg.bual_alpha, beta=cfg.bual_beta,
                     consistency_weight=self.lam, ignore_index=data.ignore_index,
                     return_parts=True, **kwargs,
                 )  # fmt: skip
@@ -320,11 +341,11 @@ class Run:
             normalize=True,
         )  # fmt: skip
         u = est.predictive_entropy[0]
-        # the high region as BUAL draws it on labeled data at the end of training
-        if self.cfg.bual_high_ratio is not None:
-            thr = float(ratio_threshold(u[None], self.cfg.bual_high_ratio))
-        else:
-            thr = float(self.threshold(self.cfg.iterations))
+        # the high region as the method's loss draws it on labeled data at the end of training
+        # (BUAL's own threshold; UA-MT's for the other methods)
+        default = relative_threshold() if self.method in BUAL else self.threshold  # library's
+        high = bual_options(self.method, self.cfg).get("high_threshold", default)
+        thr = float(resolve_threshold(u[None], high, step=self.cfg.iterations).mean())
         np.savez_compressed(
             self.folder / "example.npz", image=data.test_x[k, 0].numpy(),
             label=data.test_y[k].numpy(), pred=pred[k], uncertainty=u.numpy(), threshold=thr,
