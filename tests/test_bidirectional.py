@@ -39,6 +39,7 @@ from bual_losses import (
     region_ce_dice_loss,
     sigmoid_rampup,
     soft_uncertainty_weight,
+    uamt_threshold_schedule,
 )
 from tests.strategies import seeds
 
@@ -1372,3 +1373,69 @@ def test_branch_without_images(impl: str) -> None:
         bidirectional_loss(None, y, zu, zt, **kw)
     with pytest.raises(ValueError, match="`labeled_uncertainty` belongs to a branch without"):
         bidirectional_loss(None, None, zu, zt, labeled_uncertainty=torch.rand(2, 6, 5), **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# issue 13: the default regions stay meaningful from the first step to the last
+
+
+def _trained_like_logits(
+    b: int, classes: int, spatial: list[int], confident: float, margin: float, gen: torch.Generator
+) -> torch.Tensor:
+    """A model's logits with a share ``confident`` of voxels far from any boundary (one class
+    ahead by ``margin``) and a rim of graded confidence (margins drawn in [0, 2])."""
+    z = torch.randn(b, classes, *spatial, generator=gen, dtype=F64) * 0.3
+    winner = torch.randint(0, classes, (b, *spatial), generator=gen)
+    sure = torch.rand(b, *spatial, generator=gen, dtype=F64) < confident
+    lead = torch.where(sure, margin, 2 * torch.rand(b, *spatial, generator=gen, dtype=F64))
+    return z + torch.nn.functional.one_hot(winner, classes).movedim(-1, 1) * lead.unsqueeze(1)
+
+
+@PROPERTY
+@given(
+    b_l=st.integers(1, 3),
+    b_u=st.integers(1, 3),
+    classes=st.integers(2, 5),
+    spatial=st.lists(st.integers(2, 8), min_size=1, max_size=3),
+    confident=st.floats(0.0, 0.97),
+    margin=st.floats(0.5, 40.0),
+    step=st.integers(0, 250),
+    seed=seeds(),
+)
+def test_default_regions_are_never_empty_nor_total(
+    b_l: int, b_u: int, classes: int, spatial: list[int], confident: float, margin: float,
+    step: int, seed: int,
+) -> None:  # fmt: skip
+    """With default options, for any model confidence and any step (past ``total_steps`` too),
+    some labeled voxels are emphasised and some not, some unlabeled voxels are trusted and
+    some not: the method never switches itself off."""
+    gen = torch.Generator().manual_seed(seed)
+    zl = _trained_like_logits(b_l, classes, spatial, confident, margin, gen)
+    zu = _trained_like_logits(b_u, classes, spatial, confident, margin, gen)
+    zt = zu + 0.1 * torch.randn(zu.shape, generator=gen, dtype=F64)
+    y = torch.randint(0, classes, (b_l, *spatial), generator=gen)
+    for impl in IMPLS:
+        _, parts = bidirectional_loss(
+            zl, y, zu, zt, step=step, total_steps=100, impl=impl, return_parts=True
+        )
+        assert 0 < parts.labeled_high_fraction.item() < 1, impl
+        assert 0 < parts.unlabeled_low_fraction.item() < 1, impl
+
+
+def test_the_former_uamt_default_vanishes_on_a_trained_model_and_the_new_one_does_not() -> None:
+    """The issue's probe: 85 % confident voxels and a 15 % rim, at the last step. UA-MT's
+    threshold (0.75 -> 1.0 of the maximum entropy) emphasises nothing and trusts everything;
+    the default keeps both regions."""
+    gen = torch.Generator().manual_seed(13)
+    zl, zu = (_trained_like_logits(4, 4, [32, 32], 0.85, 12.0, gen) for _ in range(2))
+    y = torch.randint(0, 4, (4, 32, 32), generator=gen)
+    uamt = uamt_threshold_schedule(1000)
+    _, old = bidirectional_loss(
+        zl, y, zu, zu, step=1000, total_steps=1000, high_threshold=uamt, low_threshold=uamt,
+        return_parts=True,
+    )  # fmt: skip
+    assert old.labeled_high_fraction.item() == 0.0
+    assert old.unlabeled_low_fraction.item() == 1.0
+    _, new = bidirectional_loss(zl, y, zu, zu, step=1000, total_steps=1000, return_parts=True)
+    assert 0.05 < new.labeled_high_fraction.item() < 0.3
+    assert 0.7 < new.unlabeled_low_fraction.item() < 0.95

@@ -6,7 +6,7 @@ the collectives it calls. The parent computes each case in one process on the co
 batch and compares:
 
 * global values (losses, batch thresholds, region fractions): equal on every rank and equal to
-  the single-process value (float64, tolerance 1e-10; thresholds exactly);
+  the single-process value (float64, tolerance 1e-10; order-statistic thresholds exactly);
 * per-rank values (``reduction="none"``, masks, per-sample thresholds): the rank's rows of the
   single-process value;
 * gradients: each rank's gradient w.r.t. its logits is ``R`` times the rows of the
@@ -35,6 +35,7 @@ from bual_losses import (
     BidirectionalLoss,
     RatioSchedule,
     RegionCEDiceLoss,
+    RelativeThreshold,
     bidirectional_loss,
     high_uncertainty_mask,
     low_uncertainty_mask,
@@ -249,6 +250,17 @@ def _bidirectional_ratio(impl: str) -> Case:
     return Case(fn)
 
 
+def _bidirectional_relative_batch(x: Inputs, sync: Any) -> Outputs:
+    """Thresholds relative to the batch's mean uncertainty: the global batch's with sync."""
+    loss, parts = bidirectional_loss(
+        x["zl"], x["y"], x["zu"], x["zt"], step=10, total_steps=100,
+        high_threshold=RelativeThreshold(1.0, per_sample=False),
+        low_threshold=RelativeThreshold(1.5, per_sample=False),
+        consistency_weight=1.0, return_parts=True, sync_dist=sync,
+    )  # fmt: skip
+    return _parts(loss, parts)
+
+
 def _bidirectional_soft_per_sample_low(x: Inputs, sync: Any) -> Outputs:
     loss, parts = bidirectional_loss(
         x["zl"], x["y"], x["zu"], x["zt"],
@@ -305,6 +317,7 @@ CASES: dict[str, Case] = {
     "bidirectional_ratio_fused": _bidirectional_ratio("fused"),
     "bidirectional_ratio_reference": _bidirectional_ratio("reference"),
     "bidirectional_soft_per_sample_low": Case(_bidirectional_soft_per_sample_low),
+    "bidirectional_relative_batch": Case(_bidirectional_relative_batch),
     "bidirectional_module": Case(_bidirectional_module),
     "bidirectional_labeled_only": Case(_bidirectional_labeled_only),
 }
@@ -458,7 +471,8 @@ def _split_of(key: str) -> Optional[str]:
 
 
 def _assert_equalish(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    if want.dtype == torch.bool or "threshold" in what:
+    # ratio thresholds are order statistics: exact; relative ones are means, summed per rank
+    if want.dtype == torch.bool or ("threshold" in what and "relative" not in what):
         assert torch.equal(got, want), f"{what}: {got} != {want}"
     elif want.dtype == torch.float32:  # fractions of soft/hard masks are float32
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=what)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 bual_demo = pytest.importorskip("examples.bual_demo")
 pytest.importorskip("scipy")
-from examples.bual_demo import METHODS  # noqa: E402
+from examples.bual_demo import ALL_METHODS  # noqa: E402
 from examples.bual_demo.data import (  # noqa: E402
     DataError,
     SlabSplit,
@@ -69,7 +69,7 @@ def tiny() -> SliceData:
 # ------------------------------------------------------------------------------ training
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ALL_METHODS)
 def test_every_method_trains_and_labeled_loss_decreases(method, tiny, tmp_path):
     from bual_losses import region_ce_dice_loss
 
@@ -87,9 +87,33 @@ def test_every_method_trains_and_labeled_loss_decreases(method, tiny, tmp_path):
     after = labeled_loss()
     for log in logs:
         assert all(math.isfinite(v) for v in log.values()), log
-    if method in ("mean_teacher", "uamt", "bual"):
+    if method not in ("supervised", "full"):
         assert "cons" in logs[-1] and logs[-1]["lambda"] > 0
+    # what each BUAL variant changes shows in its regions (issue 13's ablation)
+    high = [log["high_fraction"] for log in logs if "high_fraction" in log]
+    low = [log["low_fraction"] for log in logs if "low_fraction" in log]
+    if method in ("bual", "bual_soft", "bual_unlabeled"):  # the defaults: both regions alive
+        assert all(0 < f < 1 for f in high + low), (high, low)
+    if method == "bual_labeled":  # every pseudo-label trusted
+        assert low == [1.0] * len(logs)
+    if method == "bual_ratio":
+        assert high == pytest.approx([0.1] * len(logs), abs=0.01)
+        assert low == pytest.approx([0.8] * len(logs), abs=0.01)
     assert after < before, (before, after)
+
+
+def test_paired_comparison_worked_by_hand():
+    """Differences +1, +2, +3 (n = 3): mean 2, sample std 1, t(0.975, 2) = 4.3027, half width
+    4.3027 / sqrt(3) = 2.4841; all 8 sign patterns, |mean| >= 2 only for all + or all -: p =
+    2/8."""
+    from examples.bual_demo.report import paired
+
+    got = paired([1.0, 2.0, 3.0])
+    assert got["mean"] == 2.0 and got["n"] == 3 and got["positive"] == 3
+    assert got["ci95"] == pytest.approx([2.0 - 2.4841, 2.0 + 2.4841], abs=1e-4)
+    assert got["p"] == pytest.approx(0.25)
+    assert paired([1.0, -1.0, 2.0, -2.0])["p"] == pytest.approx(1.0)
+    assert paired([0.5])["mean"] is None  # one seed: no interval
 
 
 def test_run_is_repeatable_and_resumes_exactly(tiny, tmp_path):

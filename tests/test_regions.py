@@ -20,7 +20,7 @@ from bual_losses.regions import (
     soft_uncertainty_weight,
     valid_mask,
 )
-from bual_losses.schedules import RatioSchedule, linear_schedule, ratio_schedule
+from bual_losses.schedules import RatioSchedule, linear_schedule, ratio_schedule, relative_threshold
 from tests.strategies import TIE_VALUES, ratios, seeds, threshold_values, uncertainty_maps
 
 PROPERTY = settings(max_examples=150, deadline=None)
@@ -587,3 +587,20 @@ MAP = torch.rand(2, 3, 4)
 def test_errors(call: Callable[[], object], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         call()
+
+
+def test_relative_threshold_is_a_multiple_of_the_maps_own_mean() -> None:
+    """Worked by hand: sample means 0.3 and 0.2, batch mean 0.25."""
+    u = torch.tensor([[0.1, 0.2, 0.3, 0.6], [0.0, 0.0, 0.4, 0.4]], dtype=torch.float64)
+    per_sample = resolve_threshold(u, relative_threshold(), step=0)
+    torch.testing.assert_close(per_sample, torch.tensor([[0.3], [0.2]], dtype=torch.float64))
+    batch = resolve_threshold(u, relative_threshold(2.0, per_sample=False), step=0)
+    torch.testing.assert_close(batch, torch.tensor(0.5, dtype=torch.float64))
+    scheduled = resolve_threshold(u, relative_threshold(linear_schedule(1.0, 2.0, 10)), step=5)
+    torch.testing.assert_close(scheduled, 1.5 * per_sample)
+    high = high_uncertainty_mask(u, relative_threshold(), step=0)
+    assert high.tolist() == [[False, False, False, True], [False, False, True, True]]
+    low = low_uncertainty_mask(u.numpy(), relative_threshold(), step=0)  # numpy in, numpy out
+    assert low.tolist() == [[True, True, True, False], [True, True, False, False]]
+    with pytest.raises(ValueError, match="`step` is required when `threshold` is a Relative"):
+        resolve_threshold(u, relative_threshold())

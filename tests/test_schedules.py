@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from bual_losses.schedules import (
     RatioSchedule,
+    RelativeThreshold,
     as_schedule,
     constant_schedule,
     cosine_rampdown,
@@ -22,6 +23,7 @@ from bual_losses.schedules import (
     linear_schedule,
     rampup_schedule,
     ratio_schedule,
+    relative_threshold,
     sigmoid_rampup,
     uamt_threshold_schedule,
 )
@@ -397,6 +399,8 @@ LIBRARY_SCHEDULES = {
     "uamt": uamt_threshold_schedule(6000, base="ln2"),
     "as_schedule": as_schedule(np.float32(0.5)),
     "ratio": ratio_schedule(linear_schedule(0.5, 0.1, 1000), per_sample=False),
+    "relative": relative_threshold(linear_schedule(1.0, 2.0, 10)),
+    "relative batch": relative_threshold(1.5, per_sample=False),
 }
 
 
@@ -417,6 +421,7 @@ def test_schedules_pickle_compare_and_print(name: str) -> None:
         "constant_schedule": constant_schedule, "linear_schedule": linear_schedule,
         "cosine_schedule": cosine_schedule, "rampup_schedule": rampup_schedule,
         "uamt_threshold_schedule": uamt_threshold_schedule, "RatioSchedule": RatioSchedule,
+        "RelativeThreshold": RelativeThreshold,
     })  # fmt: skip
     assert rebuilt == schedule, repr(schedule)
 
@@ -425,3 +430,14 @@ def test_cpu_tensor_and_numpy_configuration_values() -> None:
     assert linear_schedule(np.float32(1.0), torch.tensor(0.0), np.int64(10))(5) == 0.5
     assert RatioSchedule(torch.tensor(0.25)).ratio == 0.25
     assert uamt_threshold_schedule(np.int64(10), base=np.float64(2.0))(10) == 2.0
+
+
+def test_relative_threshold_configuration() -> None:
+    assert relative_threshold()(7) == 1.0
+    assert RelativeThreshold(np.float32(2))(torch.tensor(3.0)).item() == 2.0
+    with pytest.raises(ValueError, match="`factor` must be a finite number >= 0, got -1"):
+        relative_threshold(-1)
+    with pytest.raises(TypeError, match="`factor` must be a number >= 0 or a Schedule, got str"):
+        relative_threshold("1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`per_sample` must be a bool, got int"):
+        relative_threshold(per_sample=1)  # type: ignore[arg-type]
