@@ -15,9 +15,14 @@ teacher's prediction for unlabeled images and of the detached student prediction
 images, unless the caller passes teacher logits or an uncertainty map of its own (MC dropout,
 ensembles, any estimator of [`bual_losses.uncertainty`][]).
 
-Defaults follow UA-MT / SSL4MIS conventions (the source paper's exact hyperparameters are not
-available): thresholds $0.75 + 0.25\,\text{sigmoid\_rampup}(t, T)$ of the maximum entropy,
-consistency weight $\lambda(t) = 0.1\,\text{sigmoid\_rampup}(t, T)$, with $T$ = ``total_steps``.
+Default thresholds: each image's own mean uncertainty, $\tau = \bar u$ per sample
+([`relative_threshold`][bual_losses.schedules.relative_threshold]): a region "more uncertain
+than this image's average" follows the model as it learns, where UA-MT's fixed fraction of the
+maximum entropy empties both regions once the model is confident
+([`uamt_threshold_schedule`][bual_losses.schedules.uamt_threshold_schedule], one argument
+away). Default consistency weight, from UA-MT / SSL4MIS (the source paper's exact
+hyperparameters are not available): $\lambda(t) = 0.1\,\text{sigmoid\_rampup}(t, T)$ with
+$T$ = ``total_steps``.
 """
 
 from __future__ import annotations
@@ -513,15 +518,17 @@ def bidirectional_loss(
         teacher_unlabeled_logits: ``(B_u, C, *S)`` teacher (e.g. EMA) logits of the same images.
         step: the training step driving every schedule: a Python or numpy number or a 0-d
             tensor (one step for the whole batch; NaN is refused).
-        total_steps: length of the default threshold and consistency ramps (SSL4MIS: 30000).
+        total_steps: length of the default consistency ramp (SSL4MIS: 30000).
         teacher_labeled_logits: teacher logits of the labeled images; when given, the labeled
             uncertainty comes from them instead of the detached student prediction.
         labeled_uncertainty: ``(B_l, *S)`` map to use instead (e.g. an MC-dropout estimate);
             its scale must match the thresholds (the default ones assume ``[0, 1]``).
         unlabeled_uncertainty: ``(B_u, *S)`` map to use instead of the teacher's entropy.
-        high_threshold: ``tau_h``: number, tensor (0-d or ``(B_l,)``), Schedule, or
-            RatioSchedule (the top-``r`` fraction is high). Default: UA-MT's
-            ``uamt_threshold_schedule(total_steps)`` on normalised entropy.
+        high_threshold: ``tau_h``: number, tensor (0-d or ``(B_l,)``), Schedule,
+            RatioSchedule (the top-``r`` fraction is high) or RelativeThreshold (``f`` times
+            the mean uncertainty). Default: ``relative_threshold()``, each image's own mean
+            uncertainty, so the region never vanishes as the model grows confident. UA-MT's
+            threshold is ``uamt_threshold_schedule(total_steps)`` (the default up to 0.1).
         low_threshold: ``tau_l``, same forms and default; with a RatioSchedule the top-``r``
             fraction is discarded.
         alpha: extra weight of high-uncertainty labeled voxels (``w_l = 1 + alpha``).
