@@ -282,41 +282,39 @@ def _branch(
     dtype = accumulation_dtype(logits.dtype)
     group = spec.group
     u = uncertainty
-    thr: Union[float, torch.Tensor, None] = None
     relative = isinstance(region.threshold, RelativeThreshold) and region.threshold.per_sample
-    if u is None and relative:
-        # the engine takes each sample's mean from the entropy it computes anyway; the value is
-        # computed again only to be reported
-        factor = cast(RelativeThreshold, region.threshold)(step)
-        derived = region.weight(factor)._replace(relative=True)
-        loss, mass = region_loss(
-            logits, target, None, opts, spec,
-            impl=impl, validate=validate, derived=derived, teacher=teacher,
-        )  # fmt: skip
-        assert mass is not None  # a derived weight always has one
-        if report:
-            source = normalized_entropy(logits if teacher is None else teacher)
-            thr = _flat_threshold(cast(torch.Tensor, derived.absolute(source).threshold))
-        return loss, 0.0 if thr is None else thr, global_mean(mass, math.prod(spatial) * b, group)
-    if u is None and isinstance(region.threshold, MAP_THRESHOLDS):
+    if u is None and not relative and isinstance(region.threshold, MAP_THRESHOLDS):
         # a batch mean over the ranks, or a ratio: from the whole map
         u = normalized_entropy(logits if teacher is None else teacher)
     if u is None:
-        if thr is None:
+        thr: Union[float, torch.Tensor, None] = 0.0
+        if relative:
+            # a factor: the engine takes each sample's mean from the entropy it computes
+            factor = cast(RelativeThreshold, region.threshold)(step)
+            derived = region.weight(factor)._replace(relative=True)
+        else:
             thr = _number_threshold(region, step)
-        if thr is None:
-            # resolve_threshold reads only the shape of the map for these thresholds: a (B, *S)
-            # broadcast of one element stands in for it (no memory, the true shapes in messages)
-            probe = logits.new_empty((), dtype=dtype).expand(b, *spatial)
-            resolved = resolve_threshold(probe, region.threshold, step=step)
-            thr = _flat_threshold(cast(torch.Tensor, resolved))
-        derived = region.weight(thr)
+            if thr is None:
+                # resolve_threshold reads only the shape of the map for these thresholds: a
+                # (B, *S) broadcast of one element stands in for it (no memory, true shapes in
+                # messages)
+                probe = logits.new_empty((), dtype=dtype).expand(b, *spatial)
+                resolved = resolve_threshold(probe, region.threshold, step=step)
+                thr = _flat_threshold(cast(torch.Tensor, resolved))
+            derived = region.weight(thr)
         loss, mass = region_loss(
             logits, target, None, opts, spec,
             impl=impl, validate=validate, derived=derived, teacher=teacher,
         )  # fmt: skip
         assert mass is not None  # a derived weight always has one
-        return loss, thr, global_mean(mass, math.prod(spatial) * b, group)
+        if relative and report:  # the value, computed again only to be reported
+            source = normalized_entropy(logits if teacher is None else teacher)
+            thr = _flat_threshold(cast(torch.Tensor, derived.absolute(source).threshold))
+        return (
+            loss,
+            cast(Union[float, torch.Tensor], thr),
+            global_mean(mass, math.prod(spatial) * b, group),
+        )
     thr_full = cast(
         torch.Tensor, resolve_threshold(u, region.threshold, step=step, sync_dist=group)
     )
