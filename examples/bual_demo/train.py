@@ -333,8 +333,9 @@ class Run:
         data = self.data
         logits = predict(self.student, data.test_x)
         pred = pseudo_labels(logits).numpy()
-        metrics = evaluate(pred, data.test_y.numpy(), data.num_classes, data.spacing,
-                           data.ignore_index)  # fmt: skip
+        # interim: the test slices as one volume, slices 1 mm apart (cases come next)
+        metrics = evaluate([("test", pred, data.test_y.numpy(), (1.0, *data.spacing))],
+                           data.num_classes, data.ignore_index)  # fmt: skip
         k = example_slice(data.test_y, data.num_classes)
         est = mc_dropout_uncertainty(
             self.student.eval(), data.test_x[k : k + 1], passes=self.cfg.mc_passes,
