@@ -326,3 +326,210 @@ def test_ignored_voxels_count_for_no_mask() -> None:
     assert evaluate_case(pred, ref, 2, ignore_index=9)["dice"] == [1.0]
     assert evaluate_case(pred, ref, 2, ignore_index=9)["hd95"] == [0.0]
     assert evaluate_case(pred, ref, 2)["dice"][0] < 0.9  # without it: false positives
+
+
+# ------------------------------------------------------------------------------ in the trainer
+
+
+def _volume(z: int, shift: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A (Z, 20, 24) volume: class 1 a box, class 2 a smaller box inside it."""
+    label = np.zeros((z, 20, 24), np.int64)
+    label[1 : z - 1, 4 + shift : 16 + shift, 4:20] = 1
+    label[2 : z - 2, 8 + shift : 12 + shift, 8:16] = 2
+    image = (label / 2 + 0.05 * np.random.default_rng(z + shift).normal(size=label.shape))
+    return image.astype(np.float32), label
+
+
+def _write_nifti(path: Path, array: np.ndarray, zooms, unit: str = "mm") -> None:
+    nib = pytest.importorskip("nibabel")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(array, np.diag([*zooms, 1.0]))
+    img.header.set_xyzt_units(xyz=unit)
+    nib.save(img, str(path))
+
+
+def test_nifti_voxel_size_comes_from_the_header_and_follows_the_resize(tmp_path: Path) -> None:
+    """Voxels of 0.8 x 0.9 x 3 mm (X, Y, Z): the slices (Z, X, Y) of 20 x 24 px resized to
+    10 x 12 px have voxels of 3 x 1.6 x 1.8 mm (slice, row, column). A header in microns is
+    converted to mm; cases of different voxel sizes each keep their own."""
+    from examples.bual_demo.data import cases_data, read_nifti_dir
+
+    for i, (zooms, unit) in enumerate([((0.8, 0.9, 3.0), "mm")] * 3
+                                      + [((800.0, 900.0, 3000.0), "micron")]):  # fmt: skip
+        image, label = _volume(8, shift=i % 2)
+        xyz = (1, 2, 0)  # (Z, X, Y) -> (X, Y, Z) as on disk
+        _write_nifti(tmp_path / "images" / f"c{i}.nii.gz", image.transpose(xyz), zooms, unit)
+        _write_nifti(tmp_path / "labels" / f"c{i}.nii.gz", label.transpose(xyz).astype(np.uint8),
+                     zooms, unit)  # fmt: skip
+    cases = read_nifti_dir(tmp_path)
+    assert [c[3] for c in cases] == [pytest.approx((3.0, 0.8, 0.9))] * 4
+    data = cases_data(cases, labeled=2, size=(10, 12), description="t", gap=0)
+    (volume,) = data.test_volumes  # 4 cases: one test case, whole
+    assert volume.name == "c3" and (volume.start, volume.stop) == (0, 8)
+    assert volume.spacing == pytest.approx((3.0, 1.6, 1.8)) and data.unit == "mm"
+    assert "1 volume scored whole, voxels 3 x 1.6 x 1.8 mm (slice x row x column)" in (
+        data.summary()
+    )
+    assert "(1x1 mm" not in data.summary()  # the former claim for any NIfTI
+    # 8 cases, two test cases of other voxel sizes: each keeps its own, the summary a range
+    cases = [*cases[:3], *((f"x{k}", *_volume(8), (3.0, 0.8, 0.9)) for k in range(3)),
+             ("y", *_volume(8), (2.0, 0.8, 0.9)), ("z", *_volume(8), (3.0, 0.4, 0.9))]  # fmt: skip
+    data = cases_data(cases, labeled=2, size=(10, 12), description="t", gap=0)
+    assert [v.name for v in data.test_volumes] == ["y", "z"]
+    assert [v.spacing for v in data.test_volumes] == [pytest.approx((2.0, 1.6, 1.8)),
+                                                       pytest.approx((3.0, 0.8, 1.8))]  # fmt: skip
+    assert data.spacing is None and "voxels 2..3 x 0.8..1.6 x 1.8 mm" in data.summary()
+
+
+def test_h5_voxel_size_is_given_or_unknown(tmp_path: Path) -> None:
+    """HDF5 files store no voxel size: --spacing gives it (scaled with the resize), else the
+    distances are in voxels and the summary says so."""
+    from examples.bual_demo.data import cases_data
+
+    cases = [(f"p{i}", *_volume(8, shift=i % 2)) for i in range(3)]
+    data = cases_data(cases, labeled=2, size=(40, 12), description="t", gap=0)
+    assert data.unit == "voxels" and data.test_volumes[0].spacing is None
+    assert "voxel size unknown (HD95 and ASD in voxels)" in data.summary()
+    data = cases_data(cases, labeled=2, size=(40, 12), description="t", gap=0,
+                      spacing=(10.0, 1.5, 1.5))  # fmt: skip
+    assert data.test_volumes[0].spacing == pytest.approx((10.0, 0.75, 3.0))
+    assert data.unit == "mm"
+
+
+def test_one_volume_gives_one_test_volume_per_slab() -> None:
+    """A single case split into 3 interleaved blocks has 3 test slabs: 3 volumes, each a run
+    of consecutive slices, named by their slices; never one volume that glues them."""
+    from examples.bual_demo.data import cases_data
+
+    label = np.zeros((60, 16, 16), np.int64)
+    label[:, 2:14, 2:14] = 1
+    label[25:36, 6:10, 6:10] = 2
+    image = label / 2 + 0.1 * np.random.default_rng(0).normal(size=label.shape)
+    data = cases_data([("vol", image.astype(np.float32), label, (2.0, 1.0, 1.0))], labeled=2,
+                      size=(16, 16), description="t")  # fmt: skip
+    assert "3 interleaved blocks" in data.summary()
+    names = [v.name for v in data.test_volumes]
+    assert len(names) == 3 and all(n.startswith("vol slices ") for n in names), names
+    assert sum(v.stop - v.start for v in data.test_volumes) == len(data.test_x)
+    for v in data.test_volumes:
+        z0, z1 = map(int, v.name.split()[-1].split(".."))
+        assert z1 - z0 + 1 == v.stop - v.start
+
+
+def test_mni_test_slab_is_one_volume_in_mm() -> None:
+    """The template is 1 mm isotropic; downsampled by 4 its 233 x 197 (Y x X) slices become
+    58 x 49 px, so 233 / 58 and 197 / 49 mm; the slabs are 1 mm apart."""
+    from examples.bual_demo.data import DataError, SlabSplit, mni_data
+
+    try:
+        data = mni_data(labeled=2, size=(32, 32), downsample=4,
+                        split=SlabSplit((60, 70), (72, 74), (76, 79), 1))  # fmt: skip
+    except DataError:
+        pytest.skip("nilearn's MNI template is not installed")
+    (volume,) = data.test_volumes
+    assert volume.name == "test slab z 76..78" and (volume.start, volume.stop) == (0, 3)
+    assert volume.spacing == pytest.approx((1.0, 233 / 58, 197 / 49))
+    assert "voxels 1 x 4.02 x 4.02 mm (slice x row x column)" in data.summary()
+
+
+def test_slice_data_refuses_a_spacing_of_two_numbers() -> None:
+    import torch
+
+    from examples.bual_demo.data import SliceData, TestVolume
+
+    x, y = torch.zeros(4, 1, 8, 8), torch.zeros(4, 8, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"`spacing` must be None .* three numbers > 0.*\(1.0, "
+                       r"1.0\)"):  # fmt: skip
+        SliceData(x, y, x, y, x, y, x, y, ("bg", "a"), (1.0, 1.0), "t")
+    with pytest.raises(ValueError, match=r"cut the 4 test slices .* got \[\(0, 2\), \(3, 4\)\]"):
+        SliceData(x, y, x, y, x, y, x, y, ("bg", "a"), None, "t",
+                  test_volumes=(TestVolume("a", 0, 2, None), TestVolume("b", 3, 4, None)))
+    with pytest.raises(ValueError, match="mix known and unknown"):
+        SliceData(x, y, x, y, x, y, x, y, ("bg", "a"), None, "t",
+                  test_volumes=(TestVolume("a", 0, 2, None),
+                                TestVolume("b", 2, 4, (1.0, 1.0, 1.0))))  # fmt: skip
+
+
+def test_the_run_scores_each_test_volume_whole(tmp_path: Path) -> None:
+    """10 cases -> 2 test cases: the run's result holds both, per class, and the per-class
+    values are the means over them (the prediction stacked back into each volume)."""
+    from examples.bual_demo.data import cases_data
+    from examples.bual_demo.train import Run, TrainConfig, predict
+
+    cases = [(f"p{i}", *_volume(6, shift=i % 2), (5.0, 1.0, 1.25)) for i in range(10)]
+    data = cases_data(cases, labeled=2, size=(16, 16), description="t", gap=0)
+    assert [v.name for v in data.test_volumes] == ["p8", "p9"]
+    run = Run("supervised", 0, data, TrainConfig(iterations=1, base=4, levels=2, mc_passes=2),
+              tmp_path)  # fmt: skip
+    result = run.test()
+    assert result["unit"] == "mm"
+    assert [c["case"] for c in result["cases"]] == ["p8", "p9"]
+    assert result["cases"][0]["spacing"] == pytest.approx([5.0, 1.25, 1.875])
+    pred = predict(run.student, data.test_x).argmax(1).numpy()
+    target = data.test_y.numpy()
+    first = evaluate_case(pred[:6], target[:6], 3, (5.0, 1.25, 1.875))
+    for metric in ("dice", "jaccard", "hd95", "asd"):
+        assert result["cases"][0][metric] == pytest.approx(first[metric])
+        means = [np.mean([c[metric][k] for c in result["cases"]]) for k in range(2)]
+        assert result[metric] == pytest.approx(means)
+
+
+def _h5_folder(folder: Path) -> None:
+    h5py = pytest.importorskip("h5py")
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(3):
+        image, label = _volume(8, shift=i % 2)
+        with h5py.File(folder / f"p{i}.h5", "w") as f:
+            f["image"], f["label"] = image, label
+
+
+TINY_RUN = ["--methods", "supervised", "--seeds", "1", "--iterations", "2", "--workers", "1",
+            "--no-diagnostics", "--base", "4", "--levels", "2"]  # fmt: skip
+
+
+def test_the_tables_say_the_unit(tmp_path: Path, capsys) -> None:
+    """--h5-dir without --spacing: HD95 and ASD in voxels, said in the header and the columns;
+    with --spacing: in mm. Both tables carry per-volume Dice, Jaccard, HD95 and ASD."""
+    import json
+
+    from examples.bual_demo.__main__ import main
+
+    _h5_folder(tmp_path / "h5")
+    common = ["--h5-dir", str(tmp_path / "h5"), "--size", "16", "16", "--labeled", "1",
+              "--gap", "0", *TINY_RUN]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "vox")]) == 0
+    md = (tmp_path / "vox" / "results.md").read_text()
+    assert "distances in voxels of the resized slices (voxel size unknown" in md
+    assert "HD95 mean (voxels)" in md and "ASD mean (voxels)" in md and "Jaccard mean" in md
+    assert "Jaccard label 1 | Jaccard label 2 | ASD label 1 (voxels)" in md
+    assert main([*common, "--spacing", "10", "1.5", "1.5", "--out", str(tmp_path / "mm")]) == 0
+    md = (tmp_path / "mm" / "results.md").read_text()
+    assert "distances in mm (the voxel size" in md and "HD95 mean (mm)" in md
+    assert "voxels 10 x 1.88 x 2.25 mm (slice x row x column)" in md  # 20 x 24 -> 16 x 16
+    run = json.loads((tmp_path / "mm" / "results.json").read_text())["runs"]["supervised"][0]
+    assert set(run) >= {"dice", "jaccard", "hd95", "asd", "assd", "unit", "cases"}
+    assert run["unit"] == "mm" and [c["case"] for c in run["cases"]] == ["p2"]
+    summary = json.loads((tmp_path / "mm" / "results.json").read_text())["summary"]
+    assert set(summary["supervised"]) >= {f"{m}/{c}" for m in ("dice", "jaccard", "hd95", "asd")
+                                          for c in ("label 1", "label 2", "mean")}  # fmt: skip
+
+
+def test_a_result_of_the_per_slice_metrics_is_evaluated_again(tmp_path: Path, capsys) -> None:
+    """A result.json without Jaccard and ASD (the former per-slice metrics) is not tabulated:
+    the run is evaluated again, per volume, from its final checkpoint."""
+    import json
+
+    from examples.bual_demo.__main__ import main
+
+    _h5_folder(tmp_path / "h5")
+    argv = ["--h5-dir", str(tmp_path / "h5"), "--size", "16", "16", "--labeled", "1", "--gap",
+            "0", *TINY_RUN, "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    path = tmp_path / "out" / "runs" / "supervised_seed0" / "result.json"
+    new = json.loads(path.read_text())
+    old = {k: v for k, v in new.items() if k not in ("jaccard", "asd", "assd", "unit", "cases")}
+    path.write_text(json.dumps(old))
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert f"warning: {path} lacks jaccard, asd" in capsys.readouterr().err
+    assert json.loads(path.read_text()) == new

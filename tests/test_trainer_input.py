@@ -47,6 +47,10 @@ BAD_FLAGS = [
     (["--report-only", "--fresh"], "--fresh"),
     (["--ignore-label", "255"], "--ignore-label"),  # the MNI labels have no unannotated voxels
     (["--h5-dir", "x", "--ignore-label", "-1"], "--ignore-label"),
+    (["--spacing", "1", "1", "1"], "--spacing"),  # the MNI template's voxel size is known
+    (["--nifti-dir", "x", "--spacing", "1", "1", "1"], "--spacing"),  # so are the headers'
+    (["--h5-dir", "x", "--spacing", "5", "0", "1"], "--spacing"),
+    (["--h5-dir", "x", "--spacing", "5", "nan", "1"], "--spacing"),
 ]
 
 
