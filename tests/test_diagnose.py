@@ -35,7 +35,7 @@ def _synthetic() -> SliceData:
         xs.append(y.float()[None] / 2 + 0.1 * torch.randn(1, 32, 32, generator=g))
     x, y = torch.stack(xs), torch.stack(ys)
     return SliceData(x[:2], y[:2], x[2:8], y[2:8], x[8:10], y[8:10], x[10:], y[10:],
-                     ("bg", "a", "b"), (1.0, 1.0), "synthetic")  # fmt: skip
+                     ("bg", "a", "b"), (1.0, 1.0, 1.0), "synthetic")  # fmt: skip
 
 
 def test_diagnose_tiny_run(tmp_path):

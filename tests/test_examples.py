@@ -1,4 +1,5 @@
-"""Tests of the example trainer (examples/bual_demo): training steps, data errors, HD95, DDP."""
+"""Tests of the example trainer (examples/bual_demo): training steps, data errors, DDP (the
+metrics: tests/test_metrics.py)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ from examples.bual_demo.data import (  # noqa: E402
     read_h5_dir,
     read_nifti_dir,
 )
-from examples.bual_demo.metrics import dice, hd95  # noqa: E402
 from examples.bual_demo.train import Run, TrainConfig  # noqa: E402
 
 TINY = ["--size", "32", "32", "--downsample", "4", "--train-slab", "60", "70",
@@ -57,7 +57,7 @@ def _tiny_data() -> SliceData:
         xs.append(y.float()[None] / 2 + 0.1 * torch.randn(1, 32, 32, generator=g))
     x, y = torch.stack(xs), torch.stack(ys)
     return SliceData(x[:2], y[:2], x[2:8], y[2:8], x[8:10], y[8:10], x[10:], y[10:],
-                     ("bg", "a", "b"), (1.0, 1.0), "synthetic")  # fmt: skip
+                     ("bg", "a", "b"), (1.0, 1.0, 1.0), "synthetic")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -140,46 +140,6 @@ def test_augment_keeps_labels_aligned():
     inside = xa[:, 0][ya == 1].mean()
     outside = xa[:, 0][ya == 0].mean()
     assert inside > 0.5 > outside
-
-
-# ------------------------------------------------------------------------------ metrics
-
-
-def _brute_hd95(a: np.ndarray, b: np.ndarray, spacing=(1.0, 1.0)) -> float:
-    from scipy import ndimage
-
-    def surface(m):
-        return np.argwhere(m & ~ndimage.binary_erosion(m, border_value=0)) * np.asarray(spacing)
-
-    sa, sb = surface(a), surface(b)
-    d = np.sqrt(((sa[:, None, :] - sb[None, :, :]) ** 2).sum(-1))
-    return float(np.percentile(np.concatenate([d.min(1), d.min(0)]), 95))
-
-
-def test_hd95_on_hand_made_masks():
-    a = np.zeros((20, 30), bool)
-    b = np.zeros((20, 30), bool)
-    a[2, 3] = True
-    b[5, 7] = True  # a 3-4-5 triangle
-    assert hd95(a, b) == pytest.approx(5.0)
-    assert hd95(a, b, (2.0, 1.0)) == pytest.approx(math.hypot(6, 4))
-    assert hd95(a, a) == 0.0
-    empty = np.zeros_like(a)
-    assert hd95(empty, empty) == 0.0
-    assert hd95(a, empty) == pytest.approx(math.hypot(20, 30))  # documented: the diagonal
-    assert hd95(empty, a, empty_value=99.0) == 99.0
-    # squares shifted by 3 rows: every surface point of the moved side is 3 away
-    sq1, sq2 = np.zeros((30, 30), bool), np.zeros((30, 30), bool)
-    sq1[5:15, 5:15] = True
-    sq2[8:18, 5:15] = True
-    assert hd95(sq1, sq2) == pytest.approx(_brute_hd95(sq1, sq2))
-    assert hd95(sq1, sq2) == pytest.approx(3.0)
-    yy, xx = np.mgrid[:40, :40]
-    disk = (yy - 20) ** 2 + (xx - 18) ** 2 < 81
-    blob = ((yy - 17) / 1.3) ** 2 + (xx - 22) ** 2 < 64
-    assert hd95(disk, blob, (1.5, 0.7)) == pytest.approx(_brute_hd95(disk, blob, (1.5, 0.7)))
-    assert dice(sq1, sq2) == pytest.approx(0.7)
-    assert dice(empty, empty) == 1.0
 
 
 # ------------------------------------------------------------------------------ data errors

@@ -47,6 +47,10 @@ BAD_FLAGS = [
     (["--report-only", "--fresh"], "--fresh"),
     (["--ignore-label", "255"], "--ignore-label"),  # the MNI labels have no unannotated voxels
     (["--h5-dir", "x", "--ignore-label", "-1"], "--ignore-label"),
+    (["--spacing", "1", "1", "1"], "--spacing"),  # the MNI template's voxel size is known
+    (["--nifti-dir", "x", "--spacing", "1", "1", "1"], "--spacing"),  # so are the headers'
+    (["--h5-dir", "x", "--spacing", "5", "0", "1"], "--spacing"),
+    (["--h5-dir", "x", "--spacing", "5", "nan", "1"], "--spacing"),
 ]
 
 
@@ -297,7 +301,7 @@ def test_label_values_become_contiguous_classes() -> None:
 
 def test_ignore_label_is_left_out_of_training_and_metrics(tmp_path: Path) -> None:
     from examples.bual_demo.data import cases_data
-    from examples.bual_demo.metrics import evaluate
+    from examples.bual_demo.metrics import evaluate_case
     from examples.bual_demo.train import Run, TrainConfig
 
     data = cases_data(_cases((255, 0, 1, 5)), labeled=2, size=(16, 16), description="t",
@@ -313,8 +317,8 @@ def test_ignore_label_is_left_out_of_training_and_metrics(tmp_path: Path) -> Non
     # scoring: a prediction of class 1 on the ignored ring costs nothing
     target = data.test_y.numpy()
     hit = np.where(target == 3, 1, target)
-    assert evaluate(hit, target, 3, (1.0, 1.0), ignore_index=3)["dice"] == [1.0, 1.0]
-    assert evaluate(hit, target, 3, (1.0, 1.0))["dice"][0] < 0.9  # without it: false positives
+    assert evaluate_case(hit, target, 3, ignore_index=3)["dice"] == [1.0, 1.0]
+    assert evaluate_case(hit, target, 3)["dice"][0] < 0.9  # without it: false positives
 
 
 def test_labels_that_look_like_an_image_are_refused() -> None:
@@ -349,19 +353,19 @@ def test_ignore_label_through_the_command_line(tmp_path: Path, capsys) -> None:
 
 
 def test_a_class_absent_from_the_test_labels_is_n_a_and_left_out_of_the_mean() -> None:
-    from examples.bual_demo.metrics import evaluate
+    from examples.bual_demo.metrics import evaluate_case
     from examples.bual_demo.report import markdown_table, summarize
 
     target = np.zeros((4, 12, 12), np.int64)
     target[:, 2:8, 2:8] = 1  # class 1 everywhere, class 2 nowhere
     pred = target.copy()
-    pred[:, 2:5, 2:8] = 0  # half of class 1 found: Dice 2/3 per slice
-    metrics = evaluate(pred, target, 3, (1.0, 1.0))
+    pred[:, 2:5, 2:8] = 0  # half of class 1 found: Dice 2/3
+    metrics = evaluate_case(pred, target, 3)
     assert metrics["dice"] == [pytest.approx(2 / 3), None]  # was [0.667, 1.0]
     assert metrics["hd95"][1] is None  # was 0.0
-    # the per-slice rule still holds for a class that is present somewhere
+    # a class present in some slices only: scored over the volume
     target[0] = 0
-    assert evaluate(target, target, 2, (1.0, 1.0))["dice"] == [1.0]
+    assert evaluate_case(target, target, 2)["dice"] == [1.0]
     names = ("background", "a", "b")
     results = {m: [{"seed": s, "dice": metrics["dice"], "hd95": metrics["hd95"],
                     "seconds_per_iteration": 0.1, "seconds": 1.0} for s in (0, 1)]

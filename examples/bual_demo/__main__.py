@@ -68,6 +68,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data_seed": (lambda v: v >= 0, ">= 0"),
     "gap": (lambda v: v >= 0, ">= 0"),
     "ignore_label": (lambda v: v >= 0, ">= 0"),
+    "spacing": (lambda v: all(math.isfinite(s) and s > 0 for s in v), "three finite numbers > 0"),
     # training (TrainConfig)
     "labeled_batch": (lambda v: v >= 1, ">= 1"),
     "unlabeled_batch": (lambda v: v >= 1, ">= 1"),
@@ -131,17 +132,29 @@ def build_parser() -> argparse.ArgumentParser:
         "cores: 2 threads per process measured 10x slower under contention",
     )
     g = p.add_argument_group("data")
-    g.add_argument("--nifti-dir", type=Path, help="folder with images/*.nii.gz + labels/*.nii.gz")
-    g.add_argument("--h5-dir", type=Path, help="folder of SSL4MIS-style *.h5 (image, label)")
+    g.add_argument("--nifti-dir", type=Path, help="folder with images/*.nii.gz + "
+                   "labels/*.nii.gz; each test case is scored as a volume, in mm from the "
+                   "image headers' voxel size")  # fmt: skip
+    g.add_argument("--h5-dir", type=Path, help="folder of SSL4MIS-style *.h5 (image, label); "
+                   "each test case is scored as a volume (see --spacing)")  # fmt: skip
     g.add_argument("--ignore-label", type=int, metavar="V",
                    help="--nifti-dir / --h5-dir: voxels labelled V (e.g. 255) are unannotated: "
                    "left out of the losses and the metrics. Every other label value found is a "
                    "class; sorted values become classes 0, 1, ... (labels 0, 1, 5 -> 3 "
                    "classes), a mapping the data summary prints")  # fmt: skip
+    g.add_argument("--spacing", type=float, nargs=3, metavar=("SLICE", "ROW", "COL"),
+                   help="--h5-dir: the voxel size in mm along the files' axes (slices first; "
+                   "for 2D slice files the distance between slices, then rows, columns), which "
+                   "HDF5 files do not store; scaled with --size. Without it HD95 and ASD are "
+                   "in voxels of the resized slices. NIfTI headers give their own; the MNI "
+                   "template is 1 mm")  # fmt: skip
     g.add_argument("--labeled", type=int, default=2, help="number of labeled slices")
     g.add_argument("--size", type=int, nargs=2, default=(96, 112), metavar=("H", "W"),
-                   help="slice size in pixels; divisible by 2 ** (--levels - 1)")  # fmt: skip
-    g.add_argument("--downsample", type=int, default=2, help="MNI in-plane downsampling")
+                   help="--nifti-dir / --h5-dir: every slice is resized to H x W pixels (the "
+                   "voxel size scaled to match); the MNI slices are cropped or padded to it; "
+                   "both divisible by 2 ** (--levels - 1)")  # fmt: skip
+    g.add_argument("--downsample", type=int, default=2, metavar="D",
+                   help="MNI in-plane downsampling (1 mm pixels become about D mm)")  # fmt: skip
     g.add_argument(
         "--corruption",
         type=float,
@@ -153,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slices left out on each side of a labeled slice")  # fmt: skip
     g.add_argument("--train-slab", type=int, nargs=2, default=(30, 110), metavar=("START", "STOP"))
     g.add_argument("--val-slab", type=int, nargs=2, default=(114, 121), metavar=("START", "STOP"))
-    g.add_argument("--test-slab", type=int, nargs=2, default=(125, 150), metavar=("START", "STOP"))
+    g.add_argument("--test-slab", type=int, nargs=2, default=(125, 150), metavar=("START", "STOP"),
+                   help="MNI axial slabs [START, STOP); the test slab is one volume, scored "
+                   "whole")  # fmt: skip
     t = p.add_argument_group("training (defaults from SSL4MIS / UA-MT where they exist)")
     defaults = TrainConfig()
     for field in dataclasses.fields(TrainConfig):
@@ -185,6 +200,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("argument --nifti-dir: give either --nifti-dir or --h5-dir, not both")
     if args.ignore_label is not None and not (args.nifti_dir or args.h5_dir):
         parser.error("argument --ignore-label: applies to --nifti-dir / --h5-dir labels only")
+    if getattr(args, "spacing", None) is not None and not args.h5_dir:
+        parser.error("argument --spacing: applies to --h5-dir only (NIfTI headers give the "
+                     "voxel size; the MNI template is 1 mm)")  # fmt: skip
     if not (args.nifti_dir or args.h5_dir):
         try:
             slabs(args).check()
@@ -217,8 +235,9 @@ def load_data(args: argparse.Namespace) -> SliceData:
                           description=f"NIfTI folder {args.nifti_dir}")  # fmt: skip
     if args.h5_dir:
         cases = read_h5_dir(args.h5_dir)
+        spacing = tuple(args.spacing) if args.spacing else None
         return cases_data(cases, labeled=args.labeled, size=size, gap=args.gap,
-                          ignore_label=args.ignore_label,
+                          spacing=spacing, ignore_label=args.ignore_label,
                           description=f"HDF5 folder {args.h5_dir}")  # fmt: skip
     return mni_data(labeled=args.labeled, size=size, downsample=args.downsample, split=slabs(args),
                     corruption=args.corruption, data_seed=args.data_seed)  # fmt: skip
@@ -376,19 +395,28 @@ def main(argv: Optional[list[str]] = None) -> int:
     dirs = {m: out / "runs" / f"{m}_seed{seeds[0]}" for m in args.methods}
     results = {m: [done[(m, s)] for s in seeds] for m in args.methods} if rank == 0 else {}
     if rank == 0:
-        header = (f"Test-slab Dice and 95% Hausdorff distance, mean ± sample std over seeds "
-                  f"{seeds}; {iterations} iterations per run for every method. Metrics per "
-                  "test slice, averaged over slices (HD95 in mm): in a slice, a class missing "
-                  "from both the prediction and the label scores Dice 1 and HD95 0, missing "
-                  "from one of them Dice 0 and HD95 the image diagonal; a class missing from "
-                  "every test label is n/a and left out of the means. s / iter: wall-clock "
+        unit = data.unit
+        where = ("in mm (the voxel size, scaled with the in-plane resize)" if unit == "mm" else
+                 "in voxels of the resized slices (voxel size unknown; --spacing gives it)")
+        header = (f"Per-volume test metrics: Dice, Jaccard, 95% Hausdorff distance (HD95) and "
+                  f"average surface distance (ASD), mean ± sample std over seeds {seeds}; "
+                  f"{iterations} iterations per run for every method. Each test volume (the "
+                  "MNI test slab, a case of a NIfTI or HDF5 folder, a test slab of a single "
+                  "case) is stacked back from its slices and scored whole, per class, with "
+                  "MedPy's definitions (as SSL4MIS and UA-MT), then averaged over volumes: "
+                  "HD95 is the 95th percentile of the surface distances in both directions "
+                  "pooled, ASD the mean distance from the prediction's surface to the label's; "
+                  f"distances {where}. A class missing from a volume's label is n/a for that "
+                  "volume and left out of the means (n/a in the table when no test volume has "
+                  "it); a class in the label but missing from the prediction scores Dice and "
+                  "Jaccard 0 and HD95 and ASD the volume's diagonal. s / iter: wall-clock "
                   "seconds per training iteration of one "
                   f"worker ({args.threads} thread), which the machine's load inflates."
                   f"\n\nData: {data.summary()}.")  # fmt: skip
         if not args.full:
             header = ("**Demonstration budget** (reduced iterations): shows the pipeline, not "
                       "converged results; run with `--full` for those.\n\n" + header)  # fmt: skip
-        md, js = write_report(out, results, data.class_names, header, config)
+        md, js = write_report(out, results, data.class_names, header, config, unit)
         paths = figures(out, results, dirs)
         print(f"\n{md.read_text()}")
         print(f"Finished in {(time.perf_counter() - start) / 60:.1f} min.")

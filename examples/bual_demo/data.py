@@ -3,6 +3,8 @@
 Everything becomes 2D slices ``(N, 1, H, W)`` float32 (intensity-normalised per volume) with
 integer labels ``(N, H, W)``, split into labeled, unlabeled, validation and test sets that never
 share a slice (and, where slices come from one volume, are separated by gaps of unused slices).
+The test slices remember the volume they came from (``TestVolume``), with its voxel size after
+resizing, so that the metrics score whole volumes in mm.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import importlib.util
 import math
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -24,9 +26,58 @@ MNI_FILE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 MNI_CLASSES = ("background/CSF", "grey matter", "white matter")
 MNI_SHAPE = (197, 233, 189)
 
+#: NIfTI spatial units (``header.get_xyzt_units()[0]``) -> mm. "unknown" is read as mm, the
+#: convention of the tools that write such headers (the MNI template's header says "unknown").
+NIFTI_UNITS_MM = {"mm": 1.0, "unknown": 1.0, "meter": 1000.0, "micron": 0.001}
+
 
 class DataError(ValueError):
     """A problem with the input files, with a message that names the file and the fix."""
+
+
+Spacing = tuple[float, float, float]
+
+
+def _check_spacing(spacing: Any, name: str) -> Optional[Spacing]:
+    """``spacing`` as three floats > 0 (or None), else ``ValueError`` naming ``name``."""
+    if spacing is None:
+        return None
+    try:
+        values = tuple(float(v) for v in spacing)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(
+            f"`{name}` must be None (unknown) or three numbers > 0, the voxel size (slice, row, "
+            f"column) in mm, got {spacing!r}."
+        )
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+@dataclasses.dataclass(frozen=True)
+class TestVolume:
+    """The test slices ``start:stop`` stacked back into the volume (or slab) they came from.
+
+    ``spacing`` is its voxel size (slice, row, column) in mm after the in-plane resize, or None
+    when unknown (the metrics are then in voxels).
+    """
+
+    __test__ = False  # a data class, not a test class, for pytest
+
+    name: str
+    start: int
+    stop: int
+    spacing: Optional[Spacing]
+
+
+def spacing_text(spacings: list[Optional[Spacing]]) -> str:
+    """The voxel size(s) of the test volumes for the data summary."""
+    if any(s is None for s in spacings):
+        return "voxel size unknown (HD95 and ASD in voxels)"
+    known = np.asarray(spacings, dtype=float)
+    lo, hi = known.min(0), known.max(0)
+    axes = [f"{a:.3g}" if a == b else f"{a:.3g}..{b:.3g}" for a, b in zip(lo, hi)]
+    return f"voxels {' x '.join(axes)} mm (slice x row x column)"
 
 
 @dataclasses.dataclass
@@ -34,7 +85,9 @@ class SliceData:
     """The four splits as tensors: images ``(N, 1, H, W)`` float32, labels ``(N, H, W)`` int64.
 
     ``unlabeled_y`` holds the hidden labels of the unlabeled slices: only the fully supervised
-    upper bound and the diagnostics read them.
+    upper bound and the diagnostics read them. ``test_volumes`` cuts the test slices into the
+    volumes the metrics score; left empty, all test slices are one volume of voxel size
+    ``spacing``.
     """
 
     labeled_x: torch.Tensor
@@ -46,23 +99,51 @@ class SliceData:
     test_x: torch.Tensor
     test_y: torch.Tensor
     class_names: tuple[str, ...]
-    spacing: tuple[float, float]  # mm per pixel (rows, cols), for the Hausdorff distance
+    #: voxel size (slice, row, column) in mm of the test volumes after resizing, when they
+    #: share one; None when unknown or when it differs by volume (see ``test_volumes``)
+    spacing: Optional[Spacing]
     description: str
     #: the label id of unannotated voxels (``--ignore-label``): never trained on, never scored
     ignore_index: Optional[int] = None
+    #: the test volumes, in order, covering ``test_x`` exactly; () -> one of voxel size spacing
+    test_volumes: tuple[TestVolume, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.spacing = _check_spacing(self.spacing, "spacing")
+        if not self.test_volumes:
+            self.test_volumes = (TestVolume("test", 0, len(self.test_x), self.spacing),)
+        edges = [(v.start, v.stop) for v in self.test_volumes]
+        bounds = [0, *(stop for _, stop in edges)]
+        if [start for start, _ in edges] != bounds[:-1] or bounds[-1] != len(self.test_x) or any(
+            a >= b for a, b in edges
+        ):
+            raise ValueError(
+                f"`test_volumes` must cut the {len(self.test_x)} test slices into consecutive "
+                f"non-empty ranges, got {edges}."
+            )
+        known = {v.spacing is not None for v in self.test_volumes}
+        if len(known) > 1:
+            raise ValueError("`test_volumes` mix known and unknown voxel sizes; give all or none.")
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def unit(self) -> str:
+        """The unit of the distances (HD95, ASD): "mm", or "voxels" when the size is unknown."""
+        return "voxels" if self.test_volumes[0].spacing is None else "mm"
+
     def summary(self) -> str:
         size = tuple(self.labeled_x.shape[-2:])
+        n = len(self.test_volumes)
         return (
-            f"{self.description}: slices {size[0]}x{size[1]} px "
-            f"({self.spacing[0]:g}x{self.spacing[1]:g} mm, intensities scaled per volume), "
+            f"{self.description}: slices {size[0]}x{size[1]} px (intensities scaled per volume), "
             f"{len(self.labeled_x)} labeled, "
             f"{len(self.unlabeled_x)} unlabeled, {len(self.val_x)} validation, "
-            f"{len(self.test_x)} test; classes {', '.join(self.class_names)}"
+            f"{len(self.test_x)} test in {n} volume{'s' if n > 1 else ''} scored whole, "
+            f"{spacing_text([v.spacing for v in self.test_volumes])}; "
+            f"classes {', '.join(self.class_names)}"
         )
 
 
@@ -105,6 +186,16 @@ def resize_slices(
     onehot = F.one_hot(y, num_classes).permute(0, 3, 1, 2).float()
     y = pseudo_labels(F.interpolate(onehot, size=size, mode=mode, **kwargs), dim=1)
     return x, y
+
+
+def resized_spacing(
+    spacing: Optional[Spacing], before: tuple[int, int], after: tuple[int, int]
+) -> Optional[Spacing]:
+    """The voxel size after ``resize_slices`` from ``before`` to ``after`` pixels: each
+    in-plane size scaled by ``before / after`` (the slice distance unchanged)."""
+    if spacing is None:
+        return None
+    return (spacing[0], spacing[1] * before[0] / after[0], spacing[2] * before[1] / after[1])
 
 
 def center_crop_or_pad(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -154,8 +245,11 @@ def mni_dir() -> Path:
     return folder
 
 
-def load_mni(z_range: Optional[tuple[int, int]] = None) -> tuple[np.ndarray, np.ndarray]:
-    """T1 in ``[0, 1]`` and labels ``argmax(1 - gm - wm, gm, wm)``, ``(197, 233, Z)``.
+def load_mni(
+    z_range: Optional[tuple[int, int]] = None,
+) -> tuple[np.ndarray, np.ndarray, Spacing]:
+    """T1 in ``[0, 1]``, labels ``argmax(1 - gm - wm, gm, wm)``, ``(197, 233, Z)``, and the
+    voxel size in mm along those axes (the header's: 1 mm isotropic).
 
     ``z_range = (start, stop)`` reads only those axial slices (all 189 by default).
     """
@@ -165,11 +259,13 @@ def load_mni(z_range: Optional[tuple[int, int]] = None) -> tuple[np.ndarray, np.
     z = slice(*z_range) if z_range else slice(None)
     vol = {}
     for kind in ("t1", "gm", "wm"):
-        proxy = nib.load(folder / MNI_FILE.format(kind)).dataobj
-        vol[kind] = np.asarray(proxy[:, :, z], dtype=np.float32) / np.float32(255.0)
+        img = nib.load(folder / MNI_FILE.format(kind))
+        vol[kind] = np.asarray(img.dataobj[:, :, z], dtype=np.float32) / np.float32(255.0)
+        if kind == "t1":
+            zooms = _voxel_size(img, folder / MNI_FILE.format(kind))
     label = np.where(vol["wm"] > vol["gm"], 2, 1)
     label = np.where(1.0 - vol["gm"] - vol["wm"] >= np.maximum(vol["gm"], vol["wm"]), 0, label)
-    return vol["t1"], label.astype(np.int64)
+    return vol["t1"], label.astype(np.int64), (zooms[0], zooms[1], zooms[2])
 
 
 def corrupt_volume(
@@ -233,10 +329,14 @@ def mni_data(
     corruption: float = 1.0,
     data_seed: int = 0,
 ) -> SliceData:
-    """Axial slices of the MNI ICBM152 2009a T1 with background/CSF, GM, WM labels."""
+    """Axial slices of the MNI ICBM152 2009a T1 with background/CSF, GM, WM labels.
+
+    The test slab is one test volume; its voxel size is the template's (1 mm) with the
+    in-plane size scaled by the downsampling (crop and padding change no voxel size).
+    """
     split.check()
     z0, z1 = split.train[0], split.test[1]
-    image, label = load_mni((z0, z1))
+    image, label, (sx, sy, sz) = load_mni((z0, z1))
     image = corrupt_volume(image, data_seed, strength=corruption, full_shape=MNI_SHAPE,
                            z_offset=z0)  # fmt: skip
     # axial slices: (X, Y, Z) -> (Z, Y, X) so rows run anterior-posterior; flip for display.
@@ -256,11 +356,15 @@ def mni_data(
     _require_unlabeled(unl_idx, len(train_x), split.gap)
     val_x, val_y = take(*split.val)
     test_x, test_y = take(*split.test)
+    # axes (Z, Y, X) after the transpose; rows and columns resized from Y, X to h, w
+    spacing = resized_spacing((sz, sy, sx), image.shape[1:], (h, w))
+    volume = TestVolume(f"test slab z {split.test[0]}..{split.test[1] - 1}", 0, len(test_x),
+                        spacing)  # fmt: skip
     return SliceData(
         labeled_x=train_x[lab_idx], labeled_y=train_y[lab_idx],
         unlabeled_x=train_x[unl_idx], unlabeled_y=train_y[unl_idx],
         val_x=val_x, val_y=val_y, test_x=test_x, test_y=test_y,
-        class_names=MNI_CLASSES, spacing=(float(downsample), float(downsample)),
+        class_names=MNI_CLASSES, spacing=spacing, test_volumes=(volume,),
         description=(
             f"MNI ICBM152 2009a T1 (corruption {corruption:g}), axial train slab "
             f"{split.train[0]}..{split.train[1] - 1} (labeled z = "
@@ -309,19 +413,38 @@ def _unreadable(path: Path, kind: str, err: BaseException) -> DataError:
     return DataError(f"{path} is not a readable {kind} file ({reason}).")
 
 
-def _read_nifti(path: Path, dtype: Optional[type] = None) -> np.ndarray:
-    """The array of one NIfTI file; any failure to read it names the file."""
+def _voxel_size(img: Any, path: Path) -> tuple[float, ...]:
+    """The header's voxel size in mm along the array's axes (``NIFTI_UNITS_MM``)."""
+    unit = img.header.get_xyzt_units()[0]
+    scale = NIFTI_UNITS_MM.get(unit, 1.0)
+    zooms = tuple(float(z) * scale for z in img.header.get_zooms()[: len(img.shape)])
+    if not all(math.isfinite(z) and z > 0 for z in zooms):
+        raise DataError(
+            f"{path}: the header's voxel size {zooms} is not positive; fix the header (the "
+            "metrics need it for distances in mm)."
+        )
+    return zooms
+
+
+def _read_nifti(path: Path, dtype: Optional[type] = None) -> tuple[np.ndarray, Any]:
+    """The array of one NIfTI file and the image (for its header); any failure to read it
+    names the file."""
     import nibabel as nib
 
     try:
-        return np.asarray(nib.load(path).dataobj, dtype=dtype)
+        img = nib.load(path)
+        return np.asarray(img.dataobj, dtype=dtype), img
     except Exception as err:  # nibabel, gzip and zlib raise many types for a broken file
         raise _unreadable(path, "NIfTI", err) from None
 
 
-def read_nifti_dir(folder: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """Cases ``(name, image, label)`` from ``folder/images/NAME.nii[.gz]`` and
-    ``folder/labels/NAME.nii[.gz]`` (an nnU-Net ``_0000`` suffix on images is accepted)."""
+def read_nifti_dir(folder: Path) -> list[tuple[str, np.ndarray, np.ndarray, Spacing]]:
+    """Cases ``(name, image, label, spacing)`` from ``folder/images/NAME.nii[.gz]`` and
+    ``folder/labels/NAME.nii[.gz]`` (an nnU-Net ``_0000`` suffix on images is accepted).
+
+    A 3D volume ``(X, Y, Z)`` becomes slices ``(Z, X, Y)``, and ``spacing`` the image header's
+    voxel size in mm in that order (slice, row, column); a 2D image is one slice.
+    """
     folder = Path(folder)
     images_dir, labels_dir = folder / "images", folder / "labels"
     for d in (images_dir, labels_dir):
@@ -344,15 +467,18 @@ def read_nifti_dir(folder: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
             raise DataError(
                 f"missing label for {p}: expected {labels_dir / (m['case'] + '.nii.gz')}."
             )
-        image = _read_nifti(p, np.float32)
-        label = _read_nifti(labels[m["case"]])
+        image, img = _read_nifti(p, np.float32)
+        label, _ = _read_nifti(labels[m["case"]])
+        zooms = _voxel_size(img, p)
         _check_pair(image, label, f"{p.name} / {labels[m['case']].name}")
         label = _check_labels(label, str(labels[m["case"]]))
         if image.ndim == 3:  # axial slices along the last axis -> (Z, X, Y)
             image, label = image.transpose(2, 0, 1), label.transpose(2, 0, 1)
-        else:
+            spacing = (zooms[2], zooms[0], zooms[1])
+        else:  # one slice: its distance to a neighbour never enters a distance
             image, label = image[None], label[None]
-        cases.append((m["case"], image, label))
+            spacing = (1.0, zooms[0], zooms[1])
+        cases.append((m["case"], image, label, spacing))
     if not cases:
         raise DataError(f"no NIfTI images (*.nii or *.nii.gz) found in {images_dir}.")
     return cases
@@ -558,26 +684,54 @@ def split_volume(
     )
 
 
+def _test_volumes(
+    split: list[tuple[int, int]], cases: list[tuple[str, np.ndarray, np.ndarray]],
+    spacings: list[Optional[Spacing]],
+) -> tuple[TestVolume, ...]:  # fmt: skip
+    """The test slices ``split`` ((case, slice) in order) as volumes: each run of consecutive
+    slices of one case. A whole case keeps its name; a slab of one is ``NAME slices A..B``."""
+    volumes: list[TestVolume] = []
+    start = 0
+    for k in range(1, len(split) + 1):
+        if k < len(split) and split[k] == (split[k - 1][0], split[k - 1][1] + 1):
+            continue
+        i, z0, z1 = split[start][0], split[start][1], split[k - 1][1]
+        name = cases[i][0]
+        if (z0, z1) != (0, len(cases[i][2]) - 1):
+            name = f"{name} slices {z0}..{z1}"
+        volumes.append(TestVolume(name, start, k, spacings[i]))
+        start = k
+    return tuple(volumes)
+
+
 def cases_data(
-    cases: list[tuple[str, np.ndarray, np.ndarray]],
+    cases: list,
     *,
     labeled: int,
     size: tuple[int, int],
     description: str,
     gap: int = 3,
-    spacing: tuple[float, float] = (1.0, 1.0),
+    spacing: Optional[Spacing] = None,
     ignore_label: Optional[int] = None,
 ) -> SliceData:
     """Split cases into train (labeled + unlabeled) / validation / test.
 
+    ``cases`` holds ``(name, image, label)`` with ``(Z, H, W)`` arrays, or ``(name, image,
+    label, spacing)`` with the case's voxel size (slice, row, column) in mm (``read_nifti_dir``);
+    ``spacing`` is the voxel size of the cases without one (None: unknown, metrics in voxels).
     Label values become contiguous classes (``remap_labels``); each case is normalised as a
-    volume (``normalize_volume``) and resized to ``size``. Several cases: whole cases go to one
-    split (70% / 10% / 20%, at least one each), and the description says which class a split
-    lacks. One case: slabs along its slices that each hold every class (``split_volume``).
-    Labeled slices are spread evenly over the training slices; the unlabeled ones are the
-    rest, minus ``gap`` neighbours each side.
+    volume (``normalize_volume``) and resized to ``size``, its in-plane voxel size scaled to
+    match (``resized_spacing``). Several cases: whole cases go to one split (70% / 10% / 20%,
+    at least one each), and the description says which class a split lacks; each test case is
+    one test volume. One case: slabs along its slices that each hold every class
+    (``split_volume``); each test slab is one test volume. Labeled slices are spread evenly
+    over the training slices; the unlabeled ones are the rest, minus ``gap`` neighbours each
+    side.
     """
-    cases, names, ignore_index, note = remap_labels(cases, ignore_label)
+    spacings = [_check_spacing(c[3] if len(c) > 3 else spacing, f"spacing of case {c[0]}")
+                for c in cases]  # fmt: skip
+    spacings = [resized_spacing(sp, c[2].shape[1:], size) for sp, c in zip(spacings, cases)]
+    cases, names, ignore_index, note = remap_labels([tuple(c[:3]) for c in cases], ignore_label)
     notes = [note] if note else []
     n_ids = len(names) + (ignore_index is not None)  # the ignored voxels resize as one more id
     volumes = [resize_slices(normalize_volume(image), label, size, n_ids)
@@ -617,14 +771,16 @@ def cases_data(
     _require_unlabeled(unl_idx, len(train_x), gap)
     val_x, val_y = gather(splits[1])
     test_x, test_y = gather(splits[2])
+    test_volumes = _test_volumes(splits[2], cases, spacings)
+    shared = {v.spacing for v in test_volumes}
     if notes:
         description = f"{description} ({'; '.join(notes)})"
     return SliceData(
         labeled_x=train_x[lab_idx], labeled_y=train_y[lab_idx],
         unlabeled_x=train_x[unl_idx], unlabeled_y=train_y[unl_idx],
         val_x=val_x, val_y=val_y, test_x=test_x, test_y=test_y,
-        class_names=names, spacing=spacing, description=description,
-        ignore_index=ignore_index,
+        class_names=names, spacing=shared.pop() if len(shared) == 1 else None,
+        description=description, ignore_index=ignore_index, test_volumes=test_volumes,
     )  # fmt: skip
 
 

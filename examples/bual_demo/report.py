@@ -23,6 +23,12 @@ LABELS = {
 COLORS = dict(zip(LABELS, ["C0", "C1", "C2", "C3", "C7", "C4", "C5", "C6", "C8", "C9"]))
 SEMI_LOGGED = ("mean_teacher", "uamt", "bual", "bual_uamt", "bual_ratio", "bual_labeled",
                "bual_unlabeled", "bual_soft")  # fmt: skip
+#: The per-volume metrics of a run (``metrics.evaluate``), per class, summarised over seeds.
+METRICS = ("dice", "jaccard", "hd95", "asd", "assd")
+#: Table column names and number formats.
+NAMES = {"dice": "Dice", "jaccard": "Jaccard", "hd95": "HD95", "asd": "ASD", "assd": "ASSD"}
+FORMATS = {"dice": "{:.3f} ± {:.3f}", "jaccard": "{:.3f} ± {:.3f}", "hd95": "{:.2f} ± {:.2f}",
+           "asd": "{:.2f} ± {:.2f}", "assd": "{:.2f} ± {:.2f}"}  # fmt: skip
 
 
 def _stats(values: Any) -> dict[str, Any]:
@@ -34,22 +40,31 @@ def _stats(values: Any) -> dict[str, Any]:
             "values": a.tolist()}  # fmt: skip
 
 
+def _per_class(runs: list[dict[str, Any]], metric: str) -> np.ndarray:
+    """``(runs, classes)`` of one metric, None (n/a) -> NaN. A run without the metric (a
+    result written before it existed) is n/a throughout."""
+    width = max(len(r.get("dice", [])) for r in runs)
+    rows = [r.get(metric) or [None] * width for r in runs]
+    return np.asarray(rows, dtype=float).reshape(len(runs), width)
+
+
 def _class_means(runs: list[dict[str, Any]], metric: str) -> np.ndarray:
     """Per run, the mean over the classes that are not n/a (``None`` in ``evaluate``)."""
-    per_class = np.asarray([r[metric] for r in runs], dtype=float)  # None -> NaN
+    per_class = _per_class(runs, metric)
     if np.isnan(per_class).all(axis=1).any():
         return np.full(len(runs), np.nan)
     return np.nanmean(per_class, axis=1)
 
 
 def summarize(results: dict[str, list[dict[str, Any]]], class_names: tuple[str, ...]) -> dict:
-    """Per method: mean and sample std (n - 1) over seeds of every metric. A class absent from
-    the test labels is n/a (``None``) and left out of the means over classes."""
+    """Per method: mean and sample std (n - 1) over seeds of every metric (each run's value is
+    already the mean over its test volumes). A class absent from the test labels is n/a
+    (``None``) and left out of the means over classes."""
     summary: dict[str, Any] = {}
     for method, runs in results.items():
         entry: dict[str, Any] = {"seeds": [r["seed"] for r in runs]}
-        for metric in ("dice", "hd95"):
-            per_class = np.asarray([r[metric] for r in runs], dtype=float)  # (seeds, classes)
+        for metric in METRICS:
+            per_class = _per_class(runs, metric)  # (seeds, classes)
             for c, name in enumerate(class_names[1:]):
                 entry[f"{metric}/{name}"] = _stats(per_class[:, c])
             entry[f"{metric}/mean"] = _stats(_class_means(runs, metric))
@@ -66,22 +81,45 @@ def summarize(results: dict[str, list[dict[str, Any]]], class_names: tuple[str, 
     return summary
 
 
-def markdown_table(summary: dict[str, Any], class_names: tuple[str, ...]) -> str:
+def _cell(e: dict[str, Any], key: str, metric: str) -> str:
+    v = e.get(key)
+    return "n/a" if not v or v["mean"] is None else FORMATS[metric].format(v["mean"], v["std"])
+
+
+def markdown_table(summary: dict[str, Any], class_names: tuple[str, ...], unit: str = "mm") -> str:
+    """The main table: Dice and HD95 per class and their class means, the class means of
+    Jaccard and ASD, the paired Δ Dice and the speed (per-class Jaccard and ASD:
+    ``class_table``)."""
     names = list(class_names[1:])
-    head = (["Method"] + [f"Dice {n}" for n in names] + ["Dice mean"]
-            + [f"HD95 {n} (mm)" for n in names] + ["HD95 mean (mm)",
-            "Δ Dice mean vs supervised (paired by seed)", "s / iter"])  # fmt: skip
+    head = (["Method"] + [f"Dice {n}" for n in names] + ["Dice mean", "Jaccard mean"]
+            + [f"HD95 {n} ({unit})" for n in names] + [f"HD95 mean ({unit})",
+            f"ASD mean ({unit})", "Δ Dice mean vs supervised (paired by seed)",
+            "s / iter"])  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, e in summary.items():
         cells = [LABELS.get(method, method)]
-        for metric, fmt in (("dice", "{:.3f} ± {:.3f}"), ("hd95", "{:.2f} ± {:.2f}")):
-            for n in [*names, "mean"]:
-                v = e[f"{metric}/{n}"]
-                cells.append("n/a" if v["mean"] is None else fmt.format(v["mean"], v["std"]))
+        cells += [_cell(e, f"dice/{n}", "dice") for n in [*names, "mean"]]
+        cells.append(_cell(e, "jaccard/mean", "jaccard"))
+        cells += [_cell(e, f"hd95/{n}", "hd95") for n in [*names, "mean"]]
+        cells.append(_cell(e, "asd/mean", "asd"))
         d = e.get("dice/mean minus supervised")
         cells.append("" if not d else "n/a" if d["mean"] is None
                      else f"{d['mean']:+.3f} ± {d['std']:.3f}")  # fmt: skip
         cells.append(f"{e['seconds_per_iteration']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def class_table(summary: dict[str, Any], class_names: tuple[str, ...], unit: str = "mm") -> str:
+    """Jaccard and ASD per class (the main table has them as class means only)."""
+    names = list(class_names[1:])
+    head = (["Method"] + [f"Jaccard {n}" for n in names]
+            + [f"ASD {n} ({unit})" for n in names])  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, e in summary.items():
+        cells = [LABELS.get(method, method)]
+        cells += [_cell(e, f"{metric}/{n}", metric) for metric in ("jaccard", "asd")
+                  for n in names]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -148,10 +186,11 @@ def _paired_cell(p: Optional[dict[str, Any]], fmt: str) -> str:
             f"p = {p['p']:.3f}, {p['positive']}/{p['n']} > 0")  # fmt: skip
 
 
-def comparison_table(comp: dict[str, Any]) -> str:
-    """The paired comparison as Markdown (Dice in points of 0-1 Dice, HD95 in mm)."""
-    head = ["Method", "Δ Dice vs supervised", "Δ HD95 vs supervised (mm)", "Δ Dice vs UA-MT",
-            "Δ HD95 vs UA-MT (mm)", "val Dice", "labeled high / unlabeled low, last third",
+def comparison_table(comp: dict[str, Any], unit: str = "mm") -> str:
+    """The paired comparison as Markdown (Dice in points of 0-1 Dice, HD95 in ``unit``)."""
+    head = ["Method", "Δ Dice vs supervised", f"Δ HD95 vs supervised ({unit})",
+            "Δ Dice vs UA-MT", f"Δ HD95 vs UA-MT ({unit})", "val Dice",
+            "labeled high / unlabeled low, last third",
             "pseudo-label error all / trusted, last third"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
@@ -176,9 +215,14 @@ def write_report(
     class_names: tuple[str, ...],
     header: str,
     config: dict[str, Any],
+    unit: str = "mm",
 ) -> tuple[Path, Path]:
+    """``results.md`` (``header``, the main table, per-class Jaccard / ASD, the paired
+    comparison) and ``results.json``; distances in ``unit``."""
     summary = summarize(results, class_names)
-    table = markdown_table(summary, class_names)
+    table = markdown_table(summary, class_names, unit)
+    table += ("\n\nJaccard and ASD per class (the class means are in the table above):\n\n"
+              + class_table(summary, class_names, unit))  # fmt: skip
     comp = comparison(results)
     if any(len(runs) > 1 for runs in results.values()):
         table += (
@@ -188,7 +232,7 @@ def write_report(
             "difference. val Dice: mean over seeds of the last validation-slab Dice (for "
             "choosing defaults; the test slab is not used for that). Region fractions and the "
             "teacher's pseudo-label error (hidden labels) over the last third of training.\n\n"
-            + comparison_table(comp)
+            + comparison_table(comp, unit)
         )
     md = out / "results.md"
     md.write_text(f"{header}\n\n{table}\n")

@@ -95,8 +95,10 @@ def read_config(out: Path) -> Optional[dict[str, Any]]:
     return config
 
 
-#: What a finished run's ``result.json`` holds at least.
-_RESULT_KEYS = ("method", "seed", "dice", "hd95", "seconds_per_iteration", "history")
+#: What a finished run's ``result.json`` holds at least (per-volume Dice, Jaccard, HD95, ASD;
+#: a result of the former per-slice metrics lacks Jaccard and ASD and is evaluated again).
+_RESULT_KEYS = ("method", "seed", "dice", "jaccard", "hd95", "asd", "seconds_per_iteration",
+                "history")
 
 
 def read_result(path: Path) -> Optional[dict[str, Any]]:
@@ -109,9 +111,14 @@ def read_result(path: Path) -> Optional[dict[str, Any]]:
         result = json.loads(path.read_text())
     except (OSError, ValueError):
         result = None
-    if not (isinstance(result, dict) and all(k in result for k in _RESULT_KEYS)):
+    if not isinstance(result, dict):
         warn(f"{path} is unreadable (empty, truncated or foreign); that run counts as "
              "unfinished.")  # fmt: skip
+        return None
+    missing = [k for k in _RESULT_KEYS if k not in result]
+    if missing:
+        warn(f"{path} lacks {', '.join(missing)} (an earlier trainer's result, or foreign); "
+             "that run is evaluated again from its final checkpoint.")  # fmt: skip
         return None
     return result
 

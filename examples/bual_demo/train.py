@@ -329,11 +329,14 @@ class Run:
     # ---------------------------------------------------------------------------- test
 
     def test(self) -> dict[str, Any]:
-        """Test-slab metrics of the student plus what the figures need (one example slice)."""
+        """Per-volume test metrics of the student (``metrics.evaluate``: every test volume
+        scored whole, per class) plus what the figures need (one example slice)."""
         data = self.data
         logits = predict(self.student, data.test_x)
         pred = pseudo_labels(logits).numpy()
-        metrics = evaluate(pred, data.test_y.numpy(), data.num_classes, data.spacing,
+        target = data.test_y.numpy()
+        metrics = evaluate([(v.name, pred[v.start : v.stop], target[v.start : v.stop], v.spacing)
+                            for v in data.test_volumes], data.num_classes,
                            data.ignore_index)  # fmt: skip
         k = example_slice(data.test_y, data.num_classes)
         est = mc_dropout_uncertainty(
@@ -353,8 +356,15 @@ class Run:
         return {
             "method": self.method,
             "seed": self.seed,
+            # per class: the mean over the test volumes that hold the class (None: n/a);
+            # distances in `unit`
             "dice": metrics["dice"],
+            "jaccard": metrics["jaccard"],
             "hd95": metrics["hd95"],
+            "asd": metrics["asd"],
+            "assd": metrics["assd"],
+            "unit": data.unit,
+            "cases": metrics["cases"],
             "seconds": self.seconds,
             "seconds_per_iteration": self.seconds / max(self.step, 1),
             "iterations": self.step,
