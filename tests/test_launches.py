@@ -127,6 +127,39 @@ def test_backward_ops_are_counted_with_their_autograd_node() -> None:
     assert x.grad is not None and x.grad.shape == x.shape
 
 
+def test_peak_memory_counts_new_storages_once_and_forgets_freed_ones() -> None:
+    x = meta(1000)  # 4000 B, made before the step: never counted
+    n = 4000
+
+    def step() -> None:
+        a = x * 2  # + n
+        b = a.view(10, 100).t()  # a view: nothing new
+        a.mul_(3)  # in place: nothing new
+        c = b + 1  # + n: 2 n alive
+        del a, b
+        d = c.exp()  # c and d alive: 2 n
+        del c
+        e = torch.empty(250, device="meta")  # + n / 4 while d is alive
+        del d, e
+
+    c = count(step)
+    assert c.peak == 2 * n
+    assert [op.live for op in c.ops][-1] == n / 4 + n  # e's allocation, with d alive
+
+
+def test_peak_memory_includes_the_gradient_and_saved_tensors() -> None:
+    x = torch.empty(1000, device="meta", requires_grad=True)  # 4000 B
+
+    def step() -> None:
+        (x.exp() * 2).sum().backward()  # exp's result is saved for backward
+
+    c = count(step)
+    # forward: exp (n, saved) and the product (n) alive; backward: the seed, the expanded
+    # gradient's product with 2 (n) and ExpBackward's product (n, becoming x.grad)
+    assert c.peak is not None and 2 * 4000 <= c.peak <= 3 * 4000 + 64
+    assert c.ops[-1].live >= 4000  # x.grad stays
+
+
 # ============================================================================================
 # the budgets
 
