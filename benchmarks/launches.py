@@ -45,7 +45,8 @@ The budgeted quantity is **non-view ops** = kernels + allocations (both also rep
   its tensor once read and once written, an ``out=`` op counts its output once; except that
   in-place ops that only overwrite (``fill_``, ``zero_``, ``copy_``, ``masked_fill_``,
   ``scatter_``, the random fills) do not read ``self``, and ``gather`` / ``scatter_`` touch
-  one element of their source / destination per index, not the whole tensor;
+  one element of their source / destination per index, not the whole tensor (a reducing
+  ``scatter_add_`` / ``scatter_(..., reduce=...)`` reads and writes each element it touches);
 * in each set, tensors are grouped by storage: distinct views of one storage (different offset,
   sizes or strides) add up, a view passed twice counts once, and the total per storage is
   capped at the storage's size; a view's bytes are its element size times the product of its
@@ -76,7 +77,8 @@ fallback calls (kernels), the ``empty_strided`` calls (allocations) and ``.item(
 ``_local_scalar_dense`` (syncs). The C++ backend normally writes every loop nest of a graph into
 one C++ function; here it is made to emit one function per fused scheduler node, which is the
 unit Triton launches as one kernel. The count approximates a GPU build (Triton may split a large
-reduction in two, and fuses slightly differently); views, bytes and memory are not counted (``n/a``).
+reduction in two, and fuses slightly differently); views, bytes and memory are not counted
+(``n/a``).
 While compiling, the library skips its value checks (eager runs them: about 20 small kernels).
 
 Budgets (``BUDGETS``): the default path of ``region_ce_dice_loss`` and of ``bidirectional_loss``
@@ -373,13 +375,18 @@ def op_bytes(func: Any, args: tuple, kwargs: dict, result: Any) -> int:
         if arg.is_out or is_self_written:
             written += tensors
     total = traffic(read) + traffic(written)
-    if name in ("gather", "scatter_") and "reduce" not in kwargs:
+    if name in ("gather", "scatter_", "scatter_add_"):
         # they touch one element of the source (gather) / of the destination (scatter_) per
-        # index, not the whole tensor
+        # index, not the whole tensor; a reducing scatter (scatter_add_, scatter_ with
+        # ``reduce``) reads and writes the elements it touches
         values = dict((arg.name, value) for arg, value in bound)
         touched = values["index"].numel() * values["self"].element_size()
         whole = traffic([values["self"]])
-        total -= whole - min(whole, touched)
+        if name == "gather" or (name == "scatter_" and "reduce" not in kwargs):
+            total -= whole - min(whole, touched)
+        else:  # counted above: written whole (scatter_), read and written whole (scatter_add_)
+            counted = whole if name == "scatter_" else 2 * whole
+            total -= counted - 2 * min(whole, touched)
     return total
 
 

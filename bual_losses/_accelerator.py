@@ -210,6 +210,10 @@ def _run(
     n = z.shape[-1]
     cw = None if cw is None else cw.to(dt)
     opts = opts._replace(class_weight=cw)
+    if labels and not opts.squared_pred and spec.group is None and not spec.dice_terms:
+        return _run_labels(
+            z, logits, target, teacher, region_weight, threshold, opts, spec, derived, want_grad
+        )
     lay = _Layout(
         k=k,
         ce_rows=1 if labels else k,
@@ -286,6 +290,127 @@ def _run(
         return _Forward(fg.loss, stats, mass, dz[:, 1:] if binary else dz, None, lay)
     dz = _grad(_grad_matrix(fg, m, lay, cw), left, right, logp, lay, opts)
     return _Forward(fg.loss, stats, mass, dz, None, lay)
+
+
+def _voxel_weight(
+    region_weight: Optional[torch.Tensor],
+    valid: Optional[torch.Tensor],
+    logits: torch.Tensor,
+    dt: torch.dtype,
+) -> Optional[torch.Tensor]:
+    """The voxel weight before any derived weight: region weight times the valid labels,
+    ``(B or 1, 1, N)`` (None: every voxel counts 1)."""
+    w: Optional[torch.Tensor] = None
+    if region_weight is not None:
+        wv = V.weight_view(region_weight, logits)
+        w = wv.reshape(wv.shape[0], 1, -1).to(dt)
+    if valid is not None:
+        w = valid.to(dt) if w is None else w * valid
+    return w
+
+
+def _run_labels(
+    z: torch.Tensor,
+    logits: torch.Tensor,
+    target: Optional[torch.Tensor],
+    teacher: Optional[torch.Tensor],
+    region_weight: Optional[torch.Tensor],
+    threshold: Optional[torch.Tensor],
+    opts: Options,
+    spec: Finish,
+    derived: Optional[UncertaintyWeight],
+    want_grad: bool,
+) -> _Forward:
+    r"""Label targets (the common case) in two full-size buffers, the second one becoming
+    the gradient: ``p`` (B, K, N) and the weighted one-hot ``R = w g`` (B, K, N).
+
+    ``log p`` is computed into the first buffer, its value at the label taken out
+    (``log p_y``, one ``(B, 1, N)`` map), then it is exponentiated in place. The statistics
+    come from ``M = p R^T`` (B, K, K): ``I_c = M_{cc}``, ``P_c = \sum_j M_{cj}``
+    (``\sum_j w g_j = w``), ``G_c = \sum_j M_{jc}`` (``\sum_j p_j = 1`` up to rounding; the
+    target's class sums carry no gradient), and the cross-entropy from ``log p_y`` against
+    ``w``. The gradient is then written over ``R``, with ``h = g_I\, w g + g_P\, w``:
+
+    $$
+    \frac{\partial L}{\partial z} = p \odot \Big(h - \sum_c p_c h_c\Big)
+        + g_{ce}\, \omega_y\, w\, (p - g),
+    $$
+
+    the softmax backward (one kernel) for the Dice part and the one-hot subtracted from ``p``
+    at the label (in place) for the cross-entropy.
+    """
+    dt = accumulation_dtype(logits.dtype)
+    binary = opts.activation == "sigmoid"
+    cw = opts.class_weight
+    bsz, _, n = z.shape
+    probs = _log_probs(z if z.dtype == dt else z.to(dt), binary)  # log p for now
+    k = probs.shape[1]
+    y, valid = _labels(target, teacher, logits, opts)
+    log_py = torch.gather(probs, 1, y)  # (B, 1, N)
+    p = probs.exp_()
+    w = _voxel_weight(region_weight, valid, logits, dt)
+    mass: Optional[torch.Tensor] = None
+    if derived is not None:
+        if teacher is None:
+            dw, mass = _derived_weight(
+                derived, p, derived.threshold if threshold is None else threshold
+            )
+        else:
+            source = _teacher_probs(teacher.detach().reshape(bsz, -1, n), binary, dt)
+            dw, mass = _derived_weight(
+                derived, source, derived.threshold if threshold is None else threshold
+            )
+            del source
+        w = dw if w is None else w * dw
+    wb = None if w is None else w.expand(bsz, 1, n)
+    right = torch.zeros((bsz, k, n), dtype=dt, device=p.device)
+    right.scatter_(1, y, 1.0 if wb is None else wb)
+    m = torch.bmm(p, right.mT)  # (B, K, K)
+    ground = m.sum(-2)
+    if cw is None:
+        ce = log_py.sum(-1) if wb is None else torch.bmm(log_py, wb.mT)
+        ce_num, ce_den = -ce.view(bsz), ground.sum(-1)
+    else:
+        ce_num, ce_den = -(torch.bmm(log_py, right.mT).view(bsz, k) @ cw), ground @ cw
+    del log_py
+    stats = RegionStats(ce_num, ce_den, m.diagonal(dim1=1, dim2=2), m.sum(-1), ground)
+    if not want_grad:
+        return _Forward(finish(stats, opts, spec), stats, mass, None, None, _NO_LAYOUT)
+    fg = finish_grad(stats, opts, spec)
+    coef: Any = fg.ce_num
+    if isinstance(coef, torch.Tensor) and coef.ndim:
+        coef = coef.view(-1, 1, 1)
+    if coef is not None and cw is not None:  # omega_y w, before R is overwritten
+        wy = torch.bmm(cw.expand(bsz, 1, k), right)
+        coef = wy.mul_(coef)
+    elif coef is not None and wb is not None:
+        coef = wb * coef
+    if fg.inter is not None and fg.pred is not None:
+        right.mul_(fg.inter.view(-1, k, 1))
+        if wb is None:
+            right.add_(fg.pred.view(-1, k, 1))
+        else:
+            right.addcmul_(fg.pred.view(-1, k, 1), wb)
+        dz = _softmax_grad(right, p)
+        if isinstance(coef, torch.Tensor):
+            dz.addcmul_(p.scatter_(1, y, -1.0, reduce="add"), coef)  # p - g, in place
+        elif coef is not None:
+            dz.add_(p.scatter_(1, y, -1.0, reduce="add"), alpha=coef)
+    elif coef is not None:
+        p.scatter_(1, y, -1.0, reduce="add")
+        dz = p.mul_(coef)
+    else:  # lambda_ce = lambda_dice = 0: a constant loss
+        dz = right.zero_()
+    return _Forward(fg.loss, stats, mass, dz[:, 1:] if binary else dz, None, _NO_LAYOUT)
+
+
+def _softmax_grad(h: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``p * (h - sum_c p_c h_c)`` written over ``h`` (each element needs ``h`` and ``p`` at
+    its own index and a per-voxel sum only: safe in place)."""
+    backward = torch.ops.aten._softmax_backward_data
+    if V.compiling():  # torch.compile traces the functional form
+        return cast(torch.Tensor, backward(h, p, 1, p.dtype))
+    return cast(torch.Tensor, backward.out(h, p, 1, p.dtype, grad_input=h))
 
 
 def _grad_matrix(
@@ -483,3 +608,4 @@ def accelerator_loss(
 
 
 _NO_TENSOR = torch.empty(0)
+_NO_LAYOUT = _Layout(k=0, ce_rows=0, sq_rows=0, sq_cols=0)

@@ -109,6 +109,10 @@ def test_bytes_of_gather_and_scatter_are_those_of_the_index() -> None:
     # one destination element per index entry written, the index and the source read
     value = meta(4, 1, 100)
     assert count(lambda: src.scatter_(1, index, value)).bytes == touched * (4 + 8 + 4)
+    # a reducing scatter reads and writes each element it touches
+    assert count(lambda: src.scatter_add_(1, index, value)).bytes == touched * (4 + 8 + 4 + 4)
+    reduce = count(lambda: src.scatter_(1, index, -1.0, reduce="add"))
+    assert reduce.bytes == touched * (8 + 4 + 4)
 
 
 def test_backward_ops_are_counted_with_their_autograd_node() -> None:
