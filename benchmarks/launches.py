@@ -44,9 +44,10 @@ The budgeted quantity is **non-view ops** = kernels + allocations (both also rep
   marks as mutated (``out=`` arguments, ``self`` of an in-place op); so an in-place op counts
   its tensor once read and once written, an ``out=`` op counts its output once; except that
   in-place ops that only overwrite (``fill_``, ``zero_``, ``copy_``, ``masked_fill_``,
-  ``scatter_``, the random fills) do not read ``self``, and ``gather`` / ``scatter_`` touch
-  one element of their source / destination per index, not the whole tensor (a reducing
-  ``scatter_add_`` / ``scatter_(..., reduce=...)`` reads and writes each element it touches);
+  ``scatter_``, the random fills) do not read ``self``, and ``gather`` / ``scatter_`` /
+  ``nll_loss`` touch one element of their source / destination per index (per target), not the
+  whole tensor (a reducing ``scatter_add_`` / ``scatter_(..., reduce=...)`` reads and writes
+  each element it touches);
 * in each set, tensors are grouped by storage: distinct views of one storage (different offset,
   sizes or strides) add up, a view passed twice counts once, and the total per storage is
   capped at the storage's size; a view's bytes are its element size times the product of its
@@ -375,14 +376,16 @@ def op_bytes(func: Any, args: tuple, kwargs: dict, result: Any) -> int:
         if arg.is_out or is_self_written:
             written += tensors
     total = traffic(read) + traffic(written)
-    if name in ("gather", "scatter_", "scatter_add_"):
-        # they touch one element of the source (gather) / of the destination (scatter_) per
-        # index, not the whole tensor; a reducing scatter (scatter_add_, scatter_ with
-        # ``reduce``) reads and writes the elements it touches
+    if name in ("gather", "scatter_", "scatter_add_", "nll_loss_forward", "nll_loss2d_forward"):
+        # they touch one element of the source (gather, nll_loss: the target's) / of the
+        # destination (scatter_) per index, not the whole tensor; a reducing scatter
+        # (scatter_add_, scatter_ with ``reduce``) reads and writes the elements it touches
         values = dict((arg.name, value) for arg, value in bound)
-        touched = values["index"].numel() * values["self"].element_size()
+        index = values["target" if name.startswith("nll") else "index"]
+        touched = index.numel() * values["self"].element_size()
         whole = traffic([values["self"]])
-        if name == "gather" or (name == "scatter_" and "reduce" not in kwargs):
+        reducing = name == "scatter_add_" or (name == "scatter_" and "reduce" in kwargs)
+        if not reducing:
             total -= whole - min(whole, touched)
         else:  # counted above: written whole (scatter_), read and written whole (scatter_add_)
             counted = whole if name == "scatter_" else 2 * whole

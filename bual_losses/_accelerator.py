@@ -128,16 +128,22 @@ def _teacher_probs(teacher: torch.Tensor, binary: bool, dtype: torch.dtype) -> t
 
 
 def _derived_weight(
-    spec: UncertaintyWeight, p: torch.Tensor, threshold: Union[float, torch.Tensor]
+    spec: UncertaintyWeight,
+    p: torch.Tensor,
+    threshold: Union[float, torch.Tensor],
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The derived weight ``base + scale * s`` (B, 1, N) and the indicator's total mass (0-d).
 
     ``s`` compares the normalised entropy ``u = min(H / ln K, 1)`` of ``p`` with the threshold.
     A hard region compares the entropy ``H`` (nats) itself with ``tau ln K``: no ``(B, N)`` map
-    of ``u`` (``tau >= 1`` selects nothing, as ``u <= 1``).
+    of ``u`` (``tau >= 1`` selects nothing, as ``u <= 1``). ``overwrite``: ``p`` is a scratch
+    copy, its entropy terms are written over it.
     """
     ln_k = math.log(p.shape[1])
-    h = torch.special.entr(p).sum(1, keepdim=True)  # entr(0) = 0: -inf logits are fine
+    # entr(0) = 0: -inf logits are fine
+    terms = torch.special.entr(p, out=p) if overwrite else torch.special.entr(p)
+    h = terms.sum(1, keepdim=True)
     thr: Any = threshold
     if isinstance(thr, torch.Tensor):
         thr = thr.to(h.dtype)
@@ -210,7 +216,8 @@ def _run(
     n = z.shape[-1]
     cw = None if cw is None else cw.to(dt)
     opts = opts._replace(class_weight=cw)
-    if labels and not opts.squared_pred and spec.group is None and not spec.dice_terms:
+    deferred = spec.dice_terms and spec.reduction == "none"
+    if labels and not opts.squared_pred and spec.group is None and not deferred:
         return _run_labels(
             z, logits, target, teacher, region_weight, threshold, opts, spec, derived, want_grad
         )
@@ -285,9 +292,6 @@ def _run(
     # one process: the finishing's gradient in closed form
     stats = _stats_from(m, lay, opts, cw)
     fg = finish_grad(stats, opts, spec)
-    if labels and not lay.sq_rows:  # the common case, in a few full-size ops
-        dz = _label_grad(fg, left, right, logp, lay, cw)
-        return _Forward(fg.loss, stats, mass, dz[:, 1:] if binary else dz, None, lay)
     dz = _grad(_grad_matrix(fg, m, lay, cw), left, right, logp, lay, opts)
     return _Forward(fg.loss, stats, mass, dz, None, lay)
 
@@ -346,43 +350,46 @@ def _run_labels(
     probs = _log_probs(z if z.dtype == dt else z.to(dt), binary)  # log p for now
     k = probs.shape[1]
     y, valid = _labels(target, teacher, logits, opts)
-    log_py = torch.gather(probs, 1, y)  # (B, 1, N)
+    # -log p_y (B, N): one element of log p per voxel (the label's), like a gather
+    nll = F.nll_loss(probs, y.view(bsz, n), reduction="none")
     p = probs.exp_()
     w = _voxel_weight(region_weight, valid, logits, dt)
     mass: Optional[torch.Tensor] = None
     if derived is not None:
+        thr = derived.threshold if threshold is None else threshold
         if teacher is None:
-            dw, mass = _derived_weight(
-                derived, p, derived.threshold if threshold is None else threshold
-            )
+            dw, mass = _derived_weight(derived, p, thr)
         else:
             source = _teacher_probs(teacher.detach().reshape(bsz, -1, n), binary, dt)
-            dw, mass = _derived_weight(
-                derived, source, derived.threshold if threshold is None else threshold
-            )
-            del source
+            dw, mass = _derived_weight(derived, source, thr, overwrite=True)
+            del source  # (B, K, N): not kept while R is alive
         w = dw if w is None else w * dw
     wb = None if w is None else w.expand(bsz, 1, n)
+    if cw is None:  # the cross-entropy's sums first: -log p_y is freed before R exists
+        ce_num = nll.sum(-1) if wb is None else torch.bmm(nll.view(bsz, 1, n), wb.mT).view(bsz)
+        del nll
     right = torch.zeros((bsz, k, n), dtype=dt, device=p.device)
     right.scatter_(1, y, 1.0 if wb is None else wb)
     m = torch.bmm(p, right.mT)  # (B, K, K)
     ground = m.sum(-2)
     if cw is None:
-        ce = log_py.sum(-1) if wb is None else torch.bmm(log_py, wb.mT)
-        ce_num, ce_den = -ce.view(bsz), ground.sum(-1)
+        ce_den = ground.sum(-1)
     else:
-        ce_num, ce_den = -(torch.bmm(log_py, right.mT).view(bsz, k) @ cw), ground @ cw
-    del log_py
+        ce_num = torch.bmm(nll.view(bsz, 1, n), right.mT).view(bsz, k) @ cw
+        ce_den = ground @ cw
+        del nll
     stats = RegionStats(ce_num, ce_den, m.diagonal(dim1=1, dim2=2), m.sum(-1), ground)
     if not want_grad:
         return _Forward(finish(stats, opts, spec), stats, mass, None, None, _NO_LAYOUT)
     fg = finish_grad(stats, opts, spec)
+    if k == 2 and cw is None and fg.inter is not None and fg.pred is not None:
+        dz = _two_class_grad(fg, p, right, wb, negate=not binary)
+        return _Forward(fg.loss, stats, mass, dz[:, 1:] if binary else dz, None, _NO_LAYOUT)
     coef: Any = fg.ce_num
     if isinstance(coef, torch.Tensor) and coef.ndim:
         coef = coef.view(-1, 1, 1)
     if coef is not None and cw is not None:  # omega_y w, before R is overwritten
-        wy = torch.bmm(cw.expand(bsz, 1, k), right)
-        coef = wy.mul_(coef)
+        coef = torch.bmm(cw.expand(bsz, 1, k), right).mul_(coef)
     elif coef is not None and wb is not None:
         coef = wb * coef
     if fg.inter is not None and fg.pred is not None:
@@ -402,6 +409,47 @@ def _run_labels(
     else:  # lambda_ce = lambda_dice = 0: a constant loss
         dz = right.zero_()
     return _Forward(fg.loss, stats, mass, dz[:, 1:] if binary else dz, None, _NO_LAYOUT)
+
+
+def _two_class_grad(
+    fg: FinishGrad,
+    p: torch.Tensor,
+    right: torch.Tensor,
+    wb: Optional[torch.Tensor],
+    negate: bool,
+) -> torch.Tensor:
+    r"""dL/dz (B, 2, N) for two classes, written over ``R``: its rows are ``-g`` and ``g``
+    (row 0 left as it is without ``negate``: binary logits need ``g`` only).
+
+    Two probabilities depend on the logits only through ``z_1 - z_0``, so the gradient is
+    ``[-g, g]`` with ``g = p_0 p_1 (h_1 - h_0) + g_{ce} (w p_1 - w g_1)``. The softmax backward
+    gives the first part from any ``h`` with the same ``h_1 - h_0`` (it ignores what is added to
+    every class of a voxel): ``h = g_I\, w g + [0, (g_{P,1} - g_{P,0})\, w]``, two in-place
+    updates of ``R``; the cross-entropy's ``w g_1 - w p_1`` is taken out of ``R`` before.
+    """
+    gi, gp = fg.inter, fg.pred
+    assert gi is not None and gp is not None
+    r1, p1 = right[:, 1:], p[:, 1:]
+    coef = fg.ce_num
+    ce: Optional[torch.Tensor] = None
+    if coef is not None:  # the cross-entropy's w g_1 - w p_1 (B, 1, N), before R changes
+        ce = torch.sub(r1, p1) if wb is None else torch.addcmul(r1, wb, p1, value=-1.0)
+    right.mul_(gi.view(-1, 2, 1))
+    shift = gp[:, 1:] - gp[:, :1]  # (B, 1): the Dice's g_P w, less g_{P,0} w on both rows
+    if wb is None:
+        r1.add_(shift.unsqueeze(-1))
+    else:
+        r1.addcmul_(wb, shift.unsqueeze(-1))
+    dz = _softmax_grad(right, p)  # [-p_0 p_1 (h_1 - h_0), p_0 p_1 (h_1 - h_0)]
+    g = dz[:, 1:]
+    if ce is not None:
+        if isinstance(coef, torch.Tensor):
+            g.addcmul_(ce, coef.view(-1, 1, 1) if coef.ndim else coef, value=-1.0)
+        else:
+            g.add_(ce, alpha=-float(cast(float, coef)))
+    if negate:
+        write_into(dz[:, :1], torch.neg, g)
+    return dz
 
 
 def _softmax_grad(h: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -435,47 +483,6 @@ def _grad_matrix(
         else:
             gm[:, k : 2 * k, :k].diagonal(dim1=1, dim2=2).copy_(per_class.expand(-1, k))
     return gm
-
-
-def _label_grad(
-    fg: FinishGrad,
-    left: torch.Tensor,
-    right: torch.Tensor,
-    logp: torch.Tensor,
-    lay: _Layout,
-    cw: Optional[torch.Tensor],
-) -> torch.Tensor:
-    r"""dL/dz (B, K, N) for label targets from the closed-form gradients of the statistics.
-
-    With ``dL/dp = h = gI (w g) + gP w`` (one product of ``[diag(gI) | gP]`` with the right
-    factor ``R = [w g; w]``) and the cross-entropy's ``dL/d(log p) = -g_ce omega_y w g``, the
-    gradient with respect to the log-probabilities is ``D = p h - g_ce omega (w g)``, and the
-    log-softmax backward ``D - p sum_c D_c`` (one kernel) gives dL/dz.
-    """
-    k = lay.k
-    p, wg = left[:, :k], right[:, :k]
-    coef: Any = fg.ce_num
-    if isinstance(coef, torch.Tensor) and coef.ndim:
-        coef = coef.view(-1, 1, 1)
-    if cw is not None and coef is not None:
-        coef = cw.view(1, k, 1) * coef
-    if fg.inter is not None and fg.pred is not None:
-        gm = torch.cat([torch.diag_embed(fg.inter), fg.pred.unsqueeze(-1)], dim=-1)
-        d = torch.bmm(gm, right[:, : k + 1]).mul_(p)
-        if isinstance(coef, torch.Tensor):
-            d.addcmul_(wg, coef, value=-1.0)
-        elif coef is not None:
-            d.add_(wg, alpha=-coef)
-    elif coef is not None:
-        d = wg * -coef
-    else:  # lambda_ce = lambda_dice = 0: a constant loss
-        return torch.zeros_like(p)
-    # written over log p, which nothing reads afterwards: every element of the result needs the
-    # log-probability at its own index and a per-voxel sum of ``d`` only (safe in place)
-    backward = torch.ops.aten._log_softmax_backward_data
-    if V.compiling():  # torch.compile traces the functional form
-        return backward(d, logp, 1, logp.dtype)
-    return backward.out(d, logp, 1, logp.dtype, out=logp)
 
 
 def _finish_and_grad(

@@ -113,6 +113,10 @@ def test_bytes_of_gather_and_scatter_are_those_of_the_index() -> None:
     assert count(lambda: src.scatter_add_(1, index, value)).bytes == touched * (4 + 8 + 4 + 4)
     reduce = count(lambda: src.scatter_(1, index, -1.0, reduce="add"))
     assert reduce.bytes == touched * (8 + 4 + 4)
+    # nll_loss reads the target's element of each voxel: like a gather (and the 0-d total weight)
+    nll = count(lambda: torch.nn.functional.nll_loss(src, index[:, 0], reduction="none"))
+    assert [op.name for op in nll.ops if op.category == "kernel"] == ["nll_loss2d_forward.default"]
+    assert nll.bytes == touched * (4 + 8 + 4) + 4
 
 
 def test_backward_ops_are_counted_with_their_autograd_node() -> None:
