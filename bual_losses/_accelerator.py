@@ -1,9 +1,34 @@
 r"""The accelerator engine of ``impl="fused"``: one closed-form autograd node, few kernels.
 
 On a GPU a loss of this size costs kernel launches and host-side dispatch, not memory traffic,
-so this engine works on the whole ``(B, C, N)`` tensor at once (no chunks) and gets every
-statistic of [`RegionStats`][bual_losses.losses.RegionStats] from **one batched matrix
-product**. With the probabilities $p$ and the target $g$ (one-hot for labels) as rows:
+so this engine works on the whole ``(B, C, N)`` tensor at once (no chunks) and gets the
+statistics of [`RegionStats`][bual_losses.losses.RegionStats] from **batched matrix
+products**. The loss is finished by the shared code of ``bual_losses._core`` (``finish_grad``:
+the value and, in closed form, the gradients of the statistics), and the gradient of the logits
+is computed in the node's forward (when a gradient is needed), so the backward is one product
+with the incoming gradient.
+
+**Label targets** (the default; without ``squared_pred``, ``sync_dist`` or per-class Dice terms)
+live in two full-size buffers, and the second one becomes the gradient: the probabilities $p$
+(``log p`` first, from which $-\log p_y$ is read per voxel by ``nll_loss``, then exponentiated
+in place) and the weighted one-hot $R = w\,g$ (B, K, N). With $M = p\,R^\top$ (per sample
+$K \times K$), $I_c = M_{cc}$, $P_c = \sum_j M_{cj}$ (as $\sum_j w\,g_j = w$) and
+$G_c = \sum_j M_{jc}$ (as $\sum_j p_j = 1$, up to rounding; $G$ carries no gradient); the
+cross-entropy is $-\log p_y$ summed against $w$. The gradient, with
+$h = g_I\, w g + g_P\, w$ (the gradients of $I$ and $P$ from the finishing),
+
+$$
+\frac{\partial L}{\partial z} = p \odot \Big(h - \sum_c p_c h_c\Big)
+    + g_{ce}\, \omega_y\, w\, (p - g),
+$$
+
+is written over $R$ in place: $h$ by two in-place updates, the softmax backward (one kernel),
+and the one-hot subtracted from $p$ at the label for the cross-entropy. Two classes (and binary
+logits) depend on $z_1 - z_0$ only: their gradient is $[-g, g]$, built from one row.
+
+**Other targets and options** (probability targets, ``squared_pred``, ``sync_dist``, the
+per-class terms of ``region_dice_loss(reduction="none")``) take every statistic from **one**
+product, with the target $g$ as rows:
 
 $$
 L = \begin{bmatrix} p \\ \ell \\ \mathbf 1 \end{bmatrix},\qquad
@@ -12,17 +37,12 @@ M = L\,R^\top \quad (\text{per sample: } (K + 2) \times (K + 1)),
 $$
 
 where $\ell_v = \log p_{y_v, v}$ is the log-probability of each voxel's label (one row per
-class for probability targets, zero where the target has no mass), every statistic is an entry
-of $M$: $I_c = M_{c,c}$, $P_c = M_{c, K}$, $G_c = M_{\mathbf 1, c}$, the CE numerator
-$-M_{\ell, K}$ (or $-\sum_c \omega_c M_{\ell, c}$ with class weights) and its normaliser
-$M_{\mathbf 1, K}$ (with ``squared_pred``: rows $p^2$, and columns $w\,g^2$ for probability
-targets).
-
-The loss is finished from these views by the shared code of ``bual_losses._core``
-(``finish_grad``: the value and, in closed form, the gradients of the statistics), and the
-gradient with respect to $M$ gives the gradient of the logits: the rows of $\partial M$ times
-$R$ are $\partial L/\partial p$ and $\partial L/\partial \ell$, and the softmax chain rule
-gives
+class for probability targets, zero where the target has no mass): $I_c = M_{c,c}$,
+$P_c = M_{c, K}$, $G_c = M_{\mathbf 1, c}$, the CE numerator $-M_{\ell, K}$ (or
+$-\sum_c \omega_c M_{\ell, c}$ with class weights) and its normaliser $M_{\mathbf 1, K}$ (with
+``squared_pred``: rows $p^2$, and columns $w\,g^2$ for probability targets). The gradient with
+respect to $M$ gives the gradient of the logits: the rows of $\partial M$ times $R$ are
+$\partial L/\partial p$ and $\partial L/\partial \ell$, and the softmax chain rule gives
 
 $$
 \frac{\partial L}{\partial z} = p \odot \Big(\frac{\partial L}{\partial p}
@@ -30,19 +50,21 @@ $$
   + \frac{\partial L}{\partial \log p} - p \sum_c \frac{\partial L}{\partial \log p_c}.
 $$
 
-All of it runs in the node's forward (when a gradient is needed), so the backward is one
-product with the incoming gradient. The per-sample uncertainty weight of
+The per-sample uncertainty weight of
 [`bidirectional_loss`][bual_losses.bidirectional.bidirectional_loss] is derived inside from the
-same probabilities (or from the teacher's, with its ``argmax`` as the pseudo-label).
+same probabilities (or from the teacher's, with its ``argmax`` as the pseudo-label; their
+entropy terms overwrite the teacher's probabilities).
 
 No host synchronisation, no data-dependent Python branch, and it runs on any device: the test
 suite runs it on CPU tensors through [`use_engine`][bual_losses.engines.use_engine]. The price
-of few kernels is memory: at the peak the log-probabilities, both factors and the gradient's
-product are alive, about 4.75x the logits (4.5x for two classes; measured with the profiler on
-CPU tensors), where the CPU engine stays near 1.3x. One difference
-from the reference, documented: a ``-inf`` logit at a voxel's target class makes the loss NaN
-even where the region weight is 0 (the reference drops such a voxel); validation then reports
-it (``-inf`` at a target class is rejected with validation on, on every engine).
+of few kernels is memory. Peak extra memory, the gradient included, over the logits' bytes
+(``benchmarks/launches.py``, counted on ``meta``): label targets 2.25x for four classes, 2.5x
+for two (at most 3x for softmax logits; ``ignore_index`` adds a copy of the labels: 3.1x and
+4.1x; binary logits, whose two-class buffers are twice their size, 5x); the single-product
+layout about 9x; the CPU engine stays near 1.3x. One difference from the reference,
+documented: a ``-inf`` logit at a voxel's target class makes the loss NaN even where the region
+weight is 0 (the reference drops such a voxel); validation then reports it (``-inf`` at a
+target class is rejected with validation on, on every engine).
 """
 
 from __future__ import annotations
@@ -325,24 +347,8 @@ def _run_labels(
     derived: Optional[UncertaintyWeight],
     want_grad: bool,
 ) -> _Forward:
-    r"""Label targets (the common case) in two full-size buffers, the second one becoming
-    the gradient: ``p`` (B, K, N) and the weighted one-hot ``R = w g`` (B, K, N).
-
-    ``log p`` is computed into the first buffer, its value at the label taken out
-    (``log p_y``, one ``(B, 1, N)`` map), then it is exponentiated in place. The statistics
-    come from ``M = p R^T`` (B, K, K): ``I_c = M_{cc}``, ``P_c = \sum_j M_{cj}``
-    (``\sum_j w g_j = w``), ``G_c = \sum_j M_{jc}`` (``\sum_j p_j = 1`` up to rounding; the
-    target's class sums carry no gradient), and the cross-entropy from ``log p_y`` against
-    ``w``. The gradient is then written over ``R``, with ``h = g_I\, w g + g_P\, w``:
-
-    $$
-    \frac{\partial L}{\partial z} = p \odot \Big(h - \sum_c p_c h_c\Big)
-        + g_{ce}\, \omega_y\, w\, (p - g),
-    $$
-
-    the softmax backward (one kernel) for the Dice part and the one-hot subtracted from ``p``
-    at the label (in place) for the cross-entropy.
-    """
+    """Label targets (see the module docs): the statistics from ``p`` and the weighted one-hot
+    ``R``, then the gradient written over ``R``."""
     dt = accumulation_dtype(logits.dtype)
     binary = opts.activation == "sigmoid"
     cw = opts.class_weight
