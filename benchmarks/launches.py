@@ -143,16 +143,7 @@ BUDGETS: dict[str, Budget] = {
 
 #: Where the default path misses its budget, measured: (shape, variant) -> (the bound the tests
 #: keep instead, so that it cannot get worse unnoticed, and why). The report still says FAIL.
-KNOWN_MISSES: dict[tuple[str, str], tuple[Budget, str]] = {
-    ("la-3d", "fused"): (
-        Budget(non_view=40, views=60, bytes_ratio=25.51, syncs=0, peak_ratio=3.0),  # 25.5x
-        "two classes with int64 labels: the labels are read twice (-log p_y by nll_loss, the "
-        "one-hot scatter), 1x the logits' bytes each, and the 3x memory budget leaves two "
-        "full-size buffers (p and the one-hot that becomes the gradient), so the gradient is "
-        "written in place in seven passes; the 40-op budget leaves no room for the cheaper "
-        "diagonal form of the Dice part (24x, 41 ops); see the op list",
-    ),
-}
+KNOWN_MISSES: dict[tuple[str, str], tuple[Budget, str]] = {}
 
 
 # ============================================================================================

@@ -430,8 +430,10 @@ def _two_class_grad(
     Two probabilities depend on the logits only through ``z_1 - z_0``, so the gradient is
     ``[-g, g]`` with ``g = p_0 p_1 (h_1 - h_0) + g_{ce} (w p_1 - w g_1)``. The softmax backward
     gives the first part from any ``h`` with the same ``h_1 - h_0`` (it ignores what is added to
-    every class of a voxel): ``h = g_I\, w g + [0, (g_{P,1} - g_{P,0})\, w]``, two in-place
-    updates of ``R``; the cross-entropy's ``w g_1 - w p_1`` is taken out of ``R`` before.
+    every class of a voxel), and as ``w = w g_0 + w g_1`` the Dice's
+    ``h = g_I\, w g + g_P\, w`` has the same difference as ``s \odot w g`` with
+    ``s_c = g_{I,c} + g_{P,c} - g_{P,1-c}``: one in-place update of ``R``. The cross-entropy's
+    ``w g_1 - w p_1`` is taken out of ``R`` before.
     """
     gi, gp = fg.inter, fg.pred
     assert gi is not None and gp is not None
@@ -440,12 +442,9 @@ def _two_class_grad(
     ce: Optional[torch.Tensor] = None
     if coef is not None:  # the cross-entropy's w g_1 - w p_1 (B, 1, N), before R changes
         ce = torch.sub(r1, p1) if wb is None else torch.addcmul(r1, wb, p1, value=-1.0)
-    right.mul_(gi.view(-1, 2, 1))
-    shift = gp[:, 1:] - gp[:, :1]  # (B, 1): the Dice's g_P w, less g_{P,0} w on both rows
-    if wb is None:
-        r1.add_(shift.unsqueeze(-1))
-    else:
-        r1.addcmul_(wb, shift.unsqueeze(-1))
+    # h = s (w g) with s_c = g_I,c + g_P,c - g_P,1-c = g_I + 2 g_P - sum(g_P): one update of R
+    s = torch.add(gi, gp, alpha=2.0).sub_(gp.sum(-1, keepdim=True))
+    right.mul_(s.view(-1, 2, 1))
     dz = _softmax_grad(right, p)  # [-p_0 p_1 (h_1 - h_0), p_0 p_1 (h_1 - h_0)]
     g = dz[:, 1:]
     if ce is not None:
