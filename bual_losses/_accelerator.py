@@ -1,9 +1,34 @@
 r"""The accelerator engine of ``impl="fused"``: one closed-form autograd node, few kernels.
 
 On a GPU a loss of this size costs kernel launches and host-side dispatch, not memory traffic,
-so this engine works on the whole ``(B, C, N)`` tensor at once (no chunks) and gets every
-statistic of [`RegionStats`][bual_losses.losses.RegionStats] from **one batched matrix
-product**. With the probabilities $p$ and the target $g$ (one-hot for labels) as rows:
+so this engine works on the whole ``(B, C, N)`` tensor at once (no chunks) and gets the
+statistics of [`RegionStats`][bual_losses.losses.RegionStats] from **batched matrix
+products**. The loss is finished by the shared code of ``bual_losses._core`` (``finish_grad``:
+the value and, in closed form, the gradients of the statistics), and the gradient of the logits
+is computed in the node's forward (when a gradient is needed), so the backward is one product
+with the incoming gradient.
+
+**Label targets** (the default; without ``squared_pred``, ``sync_dist`` or per-class Dice terms)
+live in two full-size buffers, and the second one becomes the gradient: the probabilities $p$
+(``log p`` first, from which $-\log p_y$ is read per voxel by ``nll_loss``, then exponentiated
+in place) and the weighted one-hot $R = w\,g$ (B, K, N). With $M = p\,R^\top$ (per sample
+$K \times K$), $I_c = M_{cc}$, $P_c = \sum_j M_{cj}$ (as $\sum_j w\,g_j = w$) and
+$G_c = \sum_j M_{jc}$ (as $\sum_j p_j = 1$, up to rounding; $G$ carries no gradient); the
+cross-entropy is $-\log p_y$ summed against $w$. The gradient, with
+$h = g_I\, w g + g_P\, w$ (the gradients of $I$ and $P$ from the finishing),
+
+$$
+\frac{\partial L}{\partial z} = p \odot \Big(h - \sum_c p_c h_c\Big)
+    + g_{ce}\, \omega_y\, w\, (p - g),
+$$
+
+is written over $R$ in place: $h$ by two in-place updates, the softmax backward (one kernel),
+and the one-hot subtracted from $p$ at the label for the cross-entropy. Two classes (and binary
+logits) depend on $z_1 - z_0$ only: their gradient is $[-g, g]$, built from one row.
+
+**Other targets and options** (probability targets, ``squared_pred``, ``sync_dist``, the
+per-class terms of ``region_dice_loss(reduction="none")``) take every statistic from **one**
+product, with the target $g$ as rows:
 
 $$
 L = \begin{bmatrix} p \\ \ell \\ \mathbf 1 \end{bmatrix},\qquad
@@ -12,17 +37,12 @@ M = L\,R^\top \quad (\text{per sample: } (K + 2) \times (K + 1)),
 $$
 
 where $\ell_v = \log p_{y_v, v}$ is the log-probability of each voxel's label (one row per
-class for probability targets, zero where the target has no mass), every statistic is an entry
-of $M$: $I_c = M_{c,c}$, $P_c = M_{c, K}$, $G_c = M_{\mathbf 1, c}$, the CE numerator
-$-M_{\ell, K}$ (or $-\sum_c \omega_c M_{\ell, c}$ with class weights) and its normaliser
-$M_{\mathbf 1, K}$ (with ``squared_pred``: rows $p^2$, and columns $w\,g^2$ for probability
-targets).
-
-The loss is finished from these views by the shared code of ``bual_losses._core``
-(``finish_grad``: the value and, in closed form, the gradients of the statistics), and the
-gradient with respect to $M$ gives the gradient of the logits: the rows of $\partial M$ times
-$R$ are $\partial L/\partial p$ and $\partial L/\partial \ell$, and the softmax chain rule
-gives
+class for probability targets, zero where the target has no mass): $I_c = M_{c,c}$,
+$P_c = M_{c, K}$, $G_c = M_{\mathbf 1, c}$, the CE numerator $-M_{\ell, K}$ (or
+$-\sum_c \omega_c M_{\ell, c}$ with class weights) and its normaliser $M_{\mathbf 1, K}$ (with
+``squared_pred``: rows $p^2$, and columns $w\,g^2$ for probability targets). The gradient with
+respect to $M$ gives the gradient of the logits: the rows of $\partial M$ times $R$ are
+$\partial L/\partial p$ and $\partial L/\partial \ell$, and the softmax chain rule gives
 
 $$
 \frac{\partial L}{\partial z} = p \odot \Big(\frac{\partial L}{\partial p}
@@ -30,19 +50,21 @@ $$
   + \frac{\partial L}{\partial \log p} - p \sum_c \frac{\partial L}{\partial \log p_c}.
 $$
 
-All of it runs in the node's forward (when a gradient is needed), so the backward is one
-product with the incoming gradient. The per-sample uncertainty weight of
+The per-sample uncertainty weight of
 [`bidirectional_loss`][bual_losses.bidirectional.bidirectional_loss] is derived inside from the
-same probabilities (or from the teacher's, with its ``argmax`` as the pseudo-label).
+same probabilities (or from the teacher's, with its ``argmax`` as the pseudo-label; their
+entropy terms overwrite the teacher's probabilities).
 
 No host synchronisation, no data-dependent Python branch, and it runs on any device: the test
 suite runs it on CPU tensors through [`use_engine`][bual_losses.engines.use_engine]. The price
-of few kernels is memory: at the peak the log-probabilities, both factors and the gradient's
-product are alive, about 4.75x the logits (4.5x for two classes; measured with the profiler on
-CPU tensors), where the CPU engine stays near 1.3x. One difference
-from the reference, documented: a ``-inf`` logit at a voxel's target class makes the loss NaN
-even where the region weight is 0 (the reference drops such a voxel); validation then reports
-it (``-inf`` at a target class is rejected with validation on, on every engine).
+of few kernels is memory. Peak extra memory, the gradient included, over the logits' bytes
+(``benchmarks/launches.py``, counted on ``meta``): label targets 2.25x for four classes, 2.5x
+for two (at most 3x for softmax logits; ``ignore_index`` adds a copy of the labels: 3.1x and
+4.1x; binary logits, whose two-class buffers are twice their size, 5x); the single-product
+layout about 9x; the CPU engine stays near 1.3x. One difference from the reference,
+documented: a ``-inf`` logit at a voxel's target class makes the loss NaN even where the region
+weight is 0 (the reference drops such a voxel); validation then reports it (``-inf`` at a
+target class is rejected with validation on, on every engine).
 """
 
 from __future__ import annotations
@@ -128,17 +150,23 @@ def _teacher_probs(teacher: torch.Tensor, binary: bool, dtype: torch.dtype) -> t
 
 
 def _derived_weight(
-    spec: UncertaintyWeight, p: torch.Tensor, threshold: Union[float, torch.Tensor]
+    spec: UncertaintyWeight,
+    p: torch.Tensor,
+    threshold: Union[float, torch.Tensor],
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The derived weight ``base + scale * s`` (B, 1, N) and the indicator's total mass (0-d).
 
     ``s`` compares the normalised entropy ``u = min(H / ln K, 1)`` of ``p`` with the threshold.
     A hard region compares the entropy ``H`` (nats) itself with ``tau ln K``: no ``(B, N)`` map
     of ``u`` (``tau >= 1`` selects nothing, as ``u <= 1``). A relative threshold (a factor of
-    each sample's mean ``u``) costs one more reduction, of the entropy at hand.
+    each sample's mean ``u``) costs one more reduction, of the entropy at hand. ``overwrite``:
+    ``p`` is a scratch copy, its entropy terms are written over it.
     """
     ln_k = math.log(p.shape[1])
-    h = torch.special.entr(p).sum(1, keepdim=True)  # entr(0) = 0: -inf logits are fine
+    # entr(0) = 0: -inf logits are fine
+    terms = torch.special.entr(p, out=p) if overwrite else torch.special.entr(p)
+    h = terms.sum(1, keepdim=True)
     thr: Any = threshold
     if isinstance(thr, torch.Tensor):
         thr = thr.to(h.dtype)
@@ -216,6 +244,11 @@ def _run(
     n = z.shape[-1]
     cw = None if cw is None else cw.to(dt)
     opts = opts._replace(class_weight=cw)
+    deferred = spec.dice_terms and spec.reduction == "none"
+    if labels and not opts.squared_pred and spec.group is None and not deferred:
+        return _run_labels(
+            z, logits, target, teacher, region_weight, threshold, opts, spec, derived, want_grad
+        )
     lay = _Layout(
         k=k,
         ce_rows=1 if labels else k,
@@ -287,11 +320,156 @@ def _run(
     # one process: the finishing's gradient in closed form
     stats = _stats_from(m, lay, opts, cw)
     fg = finish_grad(stats, opts, spec)
-    if labels and not lay.sq_rows:  # the common case, in a few full-size ops
-        dz = _label_grad(fg, left, right, logp, lay, cw)
-        return _Forward(fg.loss, stats, mass, dz[:, 1:] if binary else dz, None, lay)
     dz = _grad(_grad_matrix(fg, m, lay, cw), left, right, logp, lay, opts)
     return _Forward(fg.loss, stats, mass, dz, None, lay)
+
+
+def _voxel_weight(
+    region_weight: Optional[torch.Tensor],
+    valid: Optional[torch.Tensor],
+    logits: torch.Tensor,
+    dt: torch.dtype,
+) -> Optional[torch.Tensor]:
+    """The voxel weight before any derived weight: region weight times the valid labels,
+    ``(B or 1, 1, N)`` (None: every voxel counts 1)."""
+    w: Optional[torch.Tensor] = None
+    if region_weight is not None:
+        wv = V.weight_view(region_weight, logits)
+        w = wv.reshape(wv.shape[0], 1, -1).to(dt)
+    if valid is not None:
+        w = valid.to(dt) if w is None else w * valid
+    return w
+
+
+def _run_labels(
+    z: torch.Tensor,
+    logits: torch.Tensor,
+    target: Optional[torch.Tensor],
+    teacher: Optional[torch.Tensor],
+    region_weight: Optional[torch.Tensor],
+    threshold: Optional[torch.Tensor],
+    opts: Options,
+    spec: Finish,
+    derived: Optional[UncertaintyWeight],
+    want_grad: bool,
+) -> _Forward:
+    """Label targets (see the module docs): the statistics from ``p`` and the weighted one-hot
+    ``R``, then the gradient written over ``R``."""
+    dt = accumulation_dtype(logits.dtype)
+    binary = opts.activation == "sigmoid"
+    cw = opts.class_weight
+    bsz, _, n = z.shape
+    probs = _log_probs(z if z.dtype == dt else z.to(dt), binary)  # log p for now
+    k = probs.shape[1]
+    y, valid = _labels(target, teacher, logits, opts)
+    # -log p_y (B, N): one element of log p per voxel (the label's), like a gather
+    nll = F.nll_loss(probs, y.view(bsz, n), reduction="none")
+    p = probs.exp_()
+    w = _voxel_weight(region_weight, valid, logits, dt)
+    mass: Optional[torch.Tensor] = None
+    if derived is not None:
+        thr = derived.threshold if threshold is None else threshold
+        if teacher is None:
+            dw, mass = _derived_weight(derived, p, thr)
+        else:
+            source = _teacher_probs(teacher.detach().reshape(bsz, -1, n), binary, dt)
+            dw, mass = _derived_weight(derived, source, thr, overwrite=True)
+            del source  # (B, K, N): not kept while R is alive
+        w = dw if w is None else w * dw
+    wb = None if w is None else w.expand(bsz, 1, n)
+    if cw is None:  # the cross-entropy's sums first: -log p_y is freed before R exists
+        ce_num = nll.sum(-1) if wb is None else torch.bmm(nll.view(bsz, 1, n), wb.mT).view(bsz)
+        del nll
+    right = torch.zeros((bsz, k, n), dtype=dt, device=p.device)
+    right.scatter_(1, y, 1.0 if wb is None else wb)
+    m = torch.bmm(p, right.mT)  # (B, K, K)
+    ground = m.sum(-2)
+    if cw is None:
+        ce_den = ground.sum(-1)
+    else:
+        ce_num = torch.bmm(nll.view(bsz, 1, n), right.mT).view(bsz, k) @ cw
+        ce_den = ground @ cw
+        del nll
+    stats = RegionStats(ce_num, ce_den, m.diagonal(dim1=1, dim2=2), m.sum(-1), ground)
+    if not want_grad:
+        return _Forward(finish(stats, opts, spec), stats, mass, None, None, _NO_LAYOUT)
+    fg = finish_grad(stats, opts, spec)
+    if k == 2 and cw is None and fg.inter is not None and fg.pred is not None:
+        dz = _two_class_grad(fg, p, right, wb, negate=not binary)
+        return _Forward(fg.loss, stats, mass, dz[:, 1:] if binary else dz, None, _NO_LAYOUT)
+    coef: Any = fg.ce_num
+    if isinstance(coef, torch.Tensor) and coef.ndim:
+        coef = coef.view(-1, 1, 1)
+    if coef is not None and cw is not None:  # omega_y w, before R is overwritten
+        coef = torch.bmm(cw.expand(bsz, 1, k), right).mul_(coef)
+    elif coef is not None and wb is not None:
+        coef = wb * coef
+    if fg.inter is not None and fg.pred is not None:
+        right.mul_(fg.inter.view(-1, k, 1))
+        if wb is None:
+            right.add_(fg.pred.view(-1, k, 1))
+        else:
+            right.addcmul_(fg.pred.view(-1, k, 1), wb)
+        dz = _softmax_grad(right, p)
+        if isinstance(coef, torch.Tensor):
+            dz.addcmul_(p.scatter_(1, y, -1.0, reduce="add"), coef)  # p - g, in place
+        elif coef is not None:
+            dz.add_(p.scatter_(1, y, -1.0, reduce="add"), alpha=coef)
+    elif coef is not None:
+        p.scatter_(1, y, -1.0, reduce="add")
+        dz = p.mul_(coef)
+    else:  # lambda_ce = lambda_dice = 0: a constant loss
+        dz = right.zero_()
+    return _Forward(fg.loss, stats, mass, dz[:, 1:] if binary else dz, None, _NO_LAYOUT)
+
+
+def _two_class_grad(
+    fg: FinishGrad,
+    p: torch.Tensor,
+    right: torch.Tensor,
+    wb: Optional[torch.Tensor],
+    negate: bool,
+) -> torch.Tensor:
+    r"""dL/dz (B, 2, N) for two classes, written over ``R``: its rows are ``-g`` and ``g``
+    (row 0 left as it is without ``negate``: binary logits need ``g`` only).
+
+    Two probabilities depend on the logits only through ``z_1 - z_0``, so the gradient is
+    ``[-g, g]`` with ``g = p_0 p_1 (h_1 - h_0) + g_{ce} (w p_1 - w g_1)``. The softmax backward
+    gives the first part from any ``h`` with the same ``h_1 - h_0`` (it ignores what is added to
+    every class of a voxel), and as ``w = w g_0 + w g_1`` the Dice's
+    ``h = g_I\, w g + g_P\, w`` has the same difference as ``s \odot w g`` with
+    ``s_c = g_{I,c} + g_{P,c} - g_{P,1-c}``: one in-place update of ``R``. The cross-entropy's
+    ``w g_1 - w p_1`` is taken out of ``R`` before.
+    """
+    gi, gp = fg.inter, fg.pred
+    assert gi is not None and gp is not None
+    r1, p1 = right[:, 1:], p[:, 1:]
+    coef = fg.ce_num
+    ce: Optional[torch.Tensor] = None
+    if coef is not None:  # the cross-entropy's w g_1 - w p_1 (B, 1, N), before R changes
+        ce = torch.sub(r1, p1) if wb is None else torch.addcmul(r1, wb, p1, value=-1.0)
+    # h = s (w g) with s_c = g_I,c + g_P,c - g_P,1-c = g_I + 2 g_P - sum(g_P): one update of R
+    s = torch.add(gi, gp, alpha=2.0).sub_(gp.sum(-1, keepdim=True))
+    right.mul_(s.view(-1, 2, 1))
+    dz = _softmax_grad(right, p)  # [-p_0 p_1 (h_1 - h_0), p_0 p_1 (h_1 - h_0)]
+    g = dz[:, 1:]
+    if ce is not None:
+        if isinstance(coef, torch.Tensor):
+            g.addcmul_(ce, coef.view(-1, 1, 1) if coef.ndim else coef, value=-1.0)
+        else:
+            g.add_(ce, alpha=-float(cast(float, coef)))
+    if negate:
+        write_into(dz[:, :1], torch.neg, g)
+    return dz
+
+
+def _softmax_grad(h: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``p * (h - sum_c p_c h_c)`` written over ``h`` (each element needs ``h`` and ``p`` at
+    its own index and a per-voxel sum only: safe in place)."""
+    backward = torch.ops.aten._softmax_backward_data
+    if V.compiling():  # torch.compile traces the functional form
+        return cast(torch.Tensor, backward(h, p, 1, p.dtype))
+    return cast(torch.Tensor, backward.out(h, p, 1, p.dtype, grad_input=h))
 
 
 def _grad_matrix(
@@ -316,47 +494,6 @@ def _grad_matrix(
         else:
             gm[:, k : 2 * k, :k].diagonal(dim1=1, dim2=2).copy_(per_class.expand(-1, k))
     return gm
-
-
-def _label_grad(
-    fg: FinishGrad,
-    left: torch.Tensor,
-    right: torch.Tensor,
-    logp: torch.Tensor,
-    lay: _Layout,
-    cw: Optional[torch.Tensor],
-) -> torch.Tensor:
-    r"""dL/dz (B, K, N) for label targets from the closed-form gradients of the statistics.
-
-    With ``dL/dp = h = gI (w g) + gP w`` (one product of ``[diag(gI) | gP]`` with the right
-    factor ``R = [w g; w]``) and the cross-entropy's ``dL/d(log p) = -g_ce omega_y w g``, the
-    gradient with respect to the log-probabilities is ``D = p h - g_ce omega (w g)``, and the
-    log-softmax backward ``D - p sum_c D_c`` (one kernel) gives dL/dz.
-    """
-    k = lay.k
-    p, wg = left[:, :k], right[:, :k]
-    coef: Any = fg.ce_num
-    if isinstance(coef, torch.Tensor) and coef.ndim:
-        coef = coef.view(-1, 1, 1)
-    if cw is not None and coef is not None:
-        coef = cw.view(1, k, 1) * coef
-    if fg.inter is not None and fg.pred is not None:
-        gm = torch.cat([torch.diag_embed(fg.inter), fg.pred.unsqueeze(-1)], dim=-1)
-        d = torch.bmm(gm, right[:, : k + 1]).mul_(p)
-        if isinstance(coef, torch.Tensor):
-            d.addcmul_(wg, coef, value=-1.0)
-        elif coef is not None:
-            d.add_(wg, alpha=-coef)
-    elif coef is not None:
-        d = wg * -coef
-    else:  # lambda_ce = lambda_dice = 0: a constant loss
-        return torch.zeros_like(p)
-    # written over log p, which nothing reads afterwards: every element of the result needs the
-    # log-probability at its own index and a per-voxel sum of ``d`` only (safe in place)
-    backward = torch.ops.aten._log_softmax_backward_data
-    if V.compiling():  # torch.compile traces the functional form
-        return backward(d, logp, 1, logp.dtype)
-    return backward.out(d, logp, 1, logp.dtype, out=logp)
 
 
 def _finish_and_grad(
@@ -489,3 +626,4 @@ def accelerator_loss(
 
 
 _NO_TENSOR = torch.empty(0)
+_NO_LAYOUT = _Layout(k=0, ce_rows=0, sq_rows=0, sq_cols=0)

@@ -280,9 +280,12 @@ def _dice_parts(stats: RegionStats, opts: Options) -> _DiceParts:
     elif not opts.include_background:
         inter, pred, ground, dropped = inter[..., 1:], pred[..., 1:], ground[..., 1:], 1
         cw = None if cw is None else cw[1:]
-    numerator = inter * 2.0
-    if opts.smooth_nr != 0:
-        numerator = numerator + opts.smooth_nr
+    if opts.smooth_nr == 0:
+        numerator = inter * 2.0
+    elif V.compiling():  # dynamo reads a symbolic first operand of add as the second one
+        numerator = inter * 2.0 + opts.smooth_nr
+    else:  # s_nr + 2 I in one kernel: the same value as 2 I + s_nr (2 I is exact)
+        numerator = torch.add(opts.smooth_nr, inter, alpha=2.0)
     cw = None if cw is None else cw.to(numerator.dtype)
     return _DiceParts(numerator, pred + ground, cw, dropped)
 

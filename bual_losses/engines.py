@@ -12,7 +12,8 @@ through one private function here, which picks an engine by ``impl`` and the log
 * ``"accelerator"`` (``impl="fused"`` / ``"auto"`` on CUDA, XPU, MPS, ``meta``, and on every
   device under ``torch.compile``, whose graphs then stay dynamic in the batch size): one
   closed-form autograd node over the whole tensor, shaped for kernel launches (a few dozen
-  per loss, forward and backward); peak memory about 4.75x the logits (4.5x for two classes).
+  per loss, forward and backward); peak memory 2.25x the logits for four classes and 2.5x for
+  two, the gradient included (label targets; more for the other targets and options).
 
 All three compute the same statistics and finish them with the same code, so every option
 means the same thing on every engine (the test suite checks values and gradients of each
