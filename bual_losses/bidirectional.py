@@ -44,7 +44,7 @@ from ._core import (
 )
 from ._core import check_options as check_loss_options
 from .distributed import SyncDist, global_mean, resolve_group
-from .engines import region_loss
+from .engines import region_loss, select_engine
 from .regions import UncertaintyWeight, resolve_threshold
 from .schedules import (
     MAP_THRESHOLDS,
@@ -282,9 +282,16 @@ def _branch(
     dtype = accumulation_dtype(logits.dtype)
     group = spec.group
     u = uncertainty
-    relative = isinstance(region.threshold, RelativeThreshold) and region.threshold.per_sample
+    # a per-sample relative threshold on the accelerator engine: it takes each sample's mean
+    # from the entropy it computes anyway (a few kernels instead of a map's). Elsewhere the map
+    # is computed first, and the weight made from it spares the engine its own entropy pass.
+    relative = (
+        isinstance(region.threshold, RelativeThreshold)
+        and region.threshold.per_sample
+        and select_engine(impl, logits.device) == "accelerator"
+    )
     if u is None and not relative and isinstance(region.threshold, MAP_THRESHOLDS):
-        # a batch mean over the ranks, or a ratio: from the whole map
+        # a mean (per sample, or over the ranks' batch) or a ratio: from the whole map
         u = normalized_entropy(logits if teacher is None else teacher)
     if u is None:
         thr: Union[float, torch.Tensor, None] = 0.0
@@ -319,14 +326,33 @@ def _branch(
         torch.Tensor, resolve_threshold(u, region.threshold, step=step, sync_dist=group)
     )
     weight_of = region.weight(thr_full)
-    s = weight_of.indicator(u, thr_full)
-    weight = weight_of.base + weight_of.scale * s
+    # the fraction (in the accumulation dtype of the logits, as the engines' mass) first, then
+    # the weight, and the map dropped before the engine runs: one (B, *S) tensor alive during
+    # the pass instead of three. A hard region's two weights are stored in float16 when it
+    # holds them exactly (1 and 1 + alpha = 2, 0 and 1 by default): half the memory, the same
+    # values in every engine, which read the weight in their accumulation dtype.
+    lo, hi = weight_of.base, weight_of.base + weight_of.scale
+    if weight_of.temperature is None and all(_exact_in_half(v) for v in (lo, hi)):
+        mask = u > thr_full  # as UncertaintyWeight.indicator: the low side is its complement
+        if weight_of.side == "low":
+            mask.logical_not_()
+        s_sum, numel = mask.sum(dtype=dtype), mask.numel()
+        hi_t, lo_t = (torch.tensor(v, dtype=torch.float16, device=u.device) for v in (hi, lo))
+        weight = torch.where(mask, hi_t, lo_t)
+        del u, mask
+    else:
+        s = weight_of.indicator(u, thr_full)  # a fresh tensor
+        s_sum, numel = s.to(dtype).sum(), s.numel()
+        weight = s.mul_(weight_of.scale).add_(weight_of.base)
+        del u, s
     loss, _ = region_loss(
         logits, target, weight, opts, spec, impl=impl, validate=validate, teacher=teacher
     )
-    # fractions in the accumulation dtype of the logits, as the engines' mass
-    s_sum = s.to(dtype).sum()
-    return loss, _flat_threshold(thr_full), global_mean(s_sum, s.numel(), group)
+    return loss, _flat_threshold(thr_full), global_mean(s_sum, numel, group)
+
+
+def _exact_in_half(value: float) -> bool:
+    return float(torch.tensor(value, dtype=torch.float16)) == value
 
 
 def _require_step(step: Any, validate: bool) -> None:
