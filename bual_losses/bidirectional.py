@@ -337,7 +337,8 @@ def _branch(
         if weight_of.side == "low":
             mask.logical_not_()
         s_sum, numel = mask.sum(dtype=dtype), mask.numel()
-        hi_t, lo_t = (torch.tensor(v, dtype=torch.float16, device=u.device) for v in (hi, lo))
+        hi_t = torch.tensor(hi, dtype=torch.float16, device=u.device)
+        lo_t = torch.tensor(lo, dtype=torch.float16, device=u.device)
         weight = torch.where(mask, hi_t, lo_t)
         del u, mask
     else:
