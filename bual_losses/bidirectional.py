@@ -337,8 +337,9 @@ def _branch(
         if weight_of.side == "low":
             mask.logical_not_()
         s_sum, numel = mask.sum(dtype=dtype), mask.numel()
-        hi_t = torch.tensor(hi, dtype=torch.float16, device=u.device)
-        lo_t = torch.tensor(lo, dtype=torch.float16, device=u.device)
+        # fill kernels, not host-to-device copies
+        hi_t = torch.full((), hi, dtype=torch.float16, device=u.device)
+        lo_t = torch.full((), lo, dtype=torch.float16, device=u.device)
         weight = torch.where(mask, hi_t, lo_t)
         del u, mask
     else:
