@@ -473,3 +473,95 @@ def test_several_cases_say_which_split_lacks_a_class() -> None:
     data = cases_data(cases, labeled=2, size=(16, 16), description="t", gap=0)
     assert "the test cases hold no label 5: n/a in the table" in data.summary()
     assert data.num_classes == 3
+
+
+# ------------------------------------------------------------------------------ devices (issue 14)
+
+DEVICE_FLAGS = [
+    (["--amp", "fp16", "--device", "cpu"], "--amp"),  # CPU autocast supports bf16 only
+    (["--amp", "fp32"], "--amp"),
+    (["--device", "tpu"], "--device"),
+]
+if not torch.cuda.is_available():
+    DEVICE_FLAGS.append((["--device", "cuda"], "--device"))
+    DEVICE_FLAGS.append((["--amp", "fp16"], "--amp"))  # auto resolves to the CPU here
+
+
+@pytest.mark.parametrize(("flags", "named"), DEVICE_FLAGS,
+                         ids=[" ".join(f) for f, _ in DEVICE_FLAGS])  # fmt: skip
+def test_bad_device_flags_exit_2_naming_the_flag(
+    flags: list[str], named: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], tmp_path: Path,
+) -> None:  # fmt: skip
+    test_bad_flags_stop_before_any_data_with_status_2_and_one_line(
+        flags, named, monkeypatch, capsys, tmp_path
+    )
+
+
+def _results(out: Path, methods: tuple[str, ...]) -> dict[str, dict]:
+    return {m: json.loads((out / "runs" / f"{m}_seed0" / "result.json").read_text())
+            for m in methods}  # fmt: skip
+
+
+DEVICE_RUN = [*TINY, "--methods", "supervised", "bual", "--seeds", "1", "--iterations", "2",
+              "--workers", "1", "--no-diagnostics", "--mc-passes", "2"]  # fmt: skip
+
+
+def test_bf16_autocast_on_the_cpu_trains_supervised_and_bual_to_finite_metrics(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "bf16"
+    assert main([*DEVICE_RUN, "--device", "cpu", "--amp", "bf16", "--out", str(out)]) == 0
+    for m, result in _results(out, ("supervised", "bual")).items():
+        values = [v for v in (*result["dice"], *result["hd95"]) if v is not None]
+        assert values and all(np.isfinite(values)), (m, result["dice"], result["hd95"])
+        assert all(np.isfinite(e["loss"]) for e in result["history"]["log"]), m
+    train = json.loads((out / "config.json").read_text())["train"]
+    assert (train["device"], train["amp"]) == ("cpu", "bf16")
+    assert "Trained on cpu, mixed precision (--amp) bf16" in (out / "results.md").read_text()
+
+
+def test_amp_none_on_the_cpu_equals_the_default_run_exactly(tmp_path: Path) -> None:
+    default, explicit = tmp_path / "default", tmp_path / "none"
+    assert main([*DEVICE_RUN, "--out", str(default)]) == 0
+    assert main([*DEVICE_RUN, "--device", "cpu", "--amp", "none", "--out", str(explicit)]) == 0
+    a, b = _results(default, ("supervised", "bual")), _results(explicit, ("supervised", "bual"))
+    for m in a:
+        for key in ("dice", "jaccard", "hd95", "asd"):
+            assert a[m][key] == b[m][key], (m, key)
+        assert a[m]["history"]["log"] == b[m]["history"]["log"], m
+
+
+def test_a_folder_written_before_device_and_amp_resumes_with_their_defaults(
+    finished: Path,
+) -> None:
+    path = finished / "config.json"
+    config = json.loads(path.read_text())
+    del config["train"]["amp"], config["train"]["device"]
+    path.write_text(json.dumps(config))
+    assert main([*RUN, "--out", str(finished)]) == 0  # amp "none": the same configuration
+    assert main([*RUN, "--amp", "bf16", "--out", str(finished)]) == 2  # another one
+
+
+def test_a_checkpoint_resumes_with_its_grad_scaler_state(tmp_path: Path) -> None:
+    """fp16 runs need CUDA; on the CPU the scaler is off and its (absent) state is harmless."""
+    from examples.bual_demo.train import Run, TrainConfig
+    from tests.test_examples import _tiny_data
+
+    data = _tiny_data()
+    cfg = TrainConfig(iterations=2, base=8, mc_passes=2, checkpoint_every=1)
+    run = Run("supervised", 0, data, cfg, tmp_path)
+    run.train_step()
+    run.save()
+    state = load_checkpoint(run.checkpoint_path)
+    assert state["scaler"] is None and state["cuda_rng"] is None
+    again = Run("supervised", 0, data, cfg, tmp_path)
+    assert again.load() and again.step == 1
+    if torch.cuda.is_available():
+        cfg16 = TrainConfig(iterations=2, base=8, mc_passes=2, amp="fp16", device="cuda")
+        run16 = Run("supervised", 0, data, cfg16, tmp_path / "fp16")
+        run16.train_step()
+        run16.save()
+        scale = run16.scaler.get_scale()
+        back = Run("supervised", 0, data, cfg16, tmp_path / "fp16")
+        assert back.load() and back.scaler.get_scale() == scale

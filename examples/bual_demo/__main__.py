@@ -42,7 +42,16 @@ from .runfolder import (
     tagged,
     write_atomic,
 )
-from .train import UNCERTAINTIES, TrainConfig, init_worker, run_one, worker_job
+from .train import (
+    AMPS,
+    DEVICES,
+    UNCERTAINTIES,
+    TrainConfig,
+    init_worker,
+    resolve_device,
+    run_one,
+    worker_job,
+)
 
 #: Relative cost of one iteration (measured, 1 thread): longest jobs are scheduled first.
 COST = {"uamt": 0.33, "mean_teacher": 0.15, "bual": 0.15, "full": 0.12, "supervised": 0.075,
@@ -88,7 +97,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "log_every": (lambda v: v >= 1, ">= 1"),
     "checkpoint_every": (lambda v: v >= 1, ">= 1"),
 }
-CHOICES = {"bual_uncertainty": UNCERTAINTIES}
+CHOICES = {"bual_uncertainty": UNCERTAINTIES, "amp": AMPS}
+HELP = {"amp": "mixed precision: none (default, float32), bf16 (autocast to bfloat16; CPU or "
+               "GPU) or fp16 (autocast to float16 with a GradScaler; CUDA only)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, help="number of seeds, >= 1 (seeds 0, 1, ...)")
     p.add_argument("--iterations", type=int, help="iterations per run (every method), >= 1")
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where to train: auto (default) is CUDA when available, else the CPU. "
+                   "A run folder may be resumed on the other device")  # fmt: skip
     p.add_argument(
         "--no-diagnostics",
         action="store_true",
@@ -172,14 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training (defaults from SSL4MIS / UA-MT where they exist)")
     defaults = TrainConfig()
     for field in dataclasses.fields(TrainConfig):
-        if field.name == "iterations":
+        if field.name in ("iterations", "device"):  # --iterations: the budget's; --device above
             continue
         value = getattr(defaults, field.name)
         kind = float if field.name.endswith("ratio") else type(value) if value is not None else str
         rule = RULES.get(field.name)
         t.add_argument("--" + field.name.replace("_", "-"), type=kind, default=value,
                        choices=CHOICES.get(field.name),
-                       help=f"{rule[1] if rule else ''} (default {value})".lstrip())  # fmt: skip
+                       help=HELP.get(field.name) or f"{rule[1] if rule else ''} "
+                       f"(default {value})".lstrip())  # fmt: skip
     return p
 
 
@@ -208,6 +223,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             slabs(args).check()
         except DataError as err:
             parser.error(f"argument --train-slab/--val-slab/--test-slab: {err}")
+    device = getattr(args, "device", "auto")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: cuda asked for, but CUDA is not available here "
+                     "(use --device cpu or auto)")  # fmt: skip
+    if getattr(args, "amp", "none") == "fp16" and resolve_device(device) == "cpu":
+        parser.error("argument --amp: fp16 needs a CUDA device (CPU autocast supports bf16 "
+                     "only); use --amp bf16 or none on the CPU")  # fmt: skip
     if getattr(args, "fresh", False) and getattr(args, "report_only", False):
         parser.error("argument --fresh: --report-only never deletes; drop --fresh")
 
@@ -337,9 +359,13 @@ def main(argv: Optional[list[str]] = None) -> int:
               "give the data flags of that run.", file=sys.stderr)  # fmt: skip
         return 2
     defaults = dataclasses.asdict(TrainConfig())
-    cfg = TrainConfig(iterations=iterations, **{
+    # --report-only reports where the folder was trained (before --device: the CPU)
+    device = stored["train"].get("device", "cpu") if stored else resolve_device(args.device)
+    # a folder written before a field existed reads that field's default (e.g. amp "none")
+    cfg = TrainConfig(iterations=iterations, device=device, **{
         f.name: stored["train"].get(f.name, defaults[f.name]) if stored else getattr(args, f.name)
-        for f in dataclasses.fields(TrainConfig) if f.name != "iterations"})  # fmt: skip
+        for f in dataclasses.fields(TrainConfig)
+        if f.name not in ("iterations", "device")})  # fmt: skip
     config: dict[str, Any] = {"train": dataclasses.asdict(cfg), "seeds": seeds,
                               "methods": args.methods, "data": data.summary(),
                               "world_size": world}  # fmt: skip
@@ -357,8 +383,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         if old is not None:
+            # the device is not part of a folder's identity: resuming on the other one is fine
             changed = [k for k, v in config["train"].items()
-                       if old["train"].get(k, defaults[k]) != v]  # fmt: skip
+                       if k != "device" and old["train"].get(k, defaults[k]) != v]  # fmt: skip
             if changed or old["data"] != config["data"]:
                 print(f"error: {out} holds runs with another configuration; use --fresh or "
                       "another --out.", file=sys.stderr)  # fmt: skip
@@ -411,7 +438,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "it); a class in the label but missing from the prediction scores Dice and "
                   "Jaccard 0 and HD95 and ASD the volume's diagonal. s / iter: wall-clock "
                   "seconds per training iteration of one "
-                  f"worker ({args.threads} thread), which the machine's load inflates."
+                  f"worker ({args.threads} thread), which the machine's load inflates. "
+                  f"Trained on {cfg.device}, mixed precision (--amp) {cfg.amp}."
                   f"\n\nData: {data.summary()}.")  # fmt: skip
         if not args.full:
             header = ("**Demonstration budget** (reduced iterations): shows the pipeline, not "

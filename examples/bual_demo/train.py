@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -40,6 +41,18 @@ BUAL = ("bual", *ABLATIONS)
 SEMI = ("mean_teacher", "uamt", *BUAL)
 #: ``bual_uncertainty``: the library's entropy of the teacher, or UA-MT's MC-dropout estimate.
 UNCERTAINTIES = ("entropy", "mc")
+#: ``--device``: ``auto`` is CUDA when available, else the CPU.
+DEVICES = ("auto", "cpu", "cuda")
+#: ``--amp``: mixed precision by autocast (fp16 also scales the loss: ``torch.amp.GradScaler``).
+AMPS = ("none", "bf16", "fp16")
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when CUDA is available, else ``cpu``; others unchanged."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 @dataclasses.dataclass
@@ -65,6 +78,10 @@ class TrainConfig:
     eval_every: int = 50
     log_every: int = 10
     checkpoint_every: int = 50
+    amp: str = "none"  # "none", "bf16" or "fp16" (autocast; fp16 with a GradScaler)
+    # where the run trains ("cpu" / "cuda", resolved from --device auto); not part of a run
+    # folder's identity: a folder may be resumed on the other device (checkpoints load on CPU)
+    device: str = "cpu"
 
 
 def _world() -> tuple[int, int]:
@@ -78,16 +95,32 @@ def _sample(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def _teacher_input(x: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    # drawn on the CPU from the run's generator (the same numbers on every device)
     noise = torch.randn(x.shape, generator=generator) * std
-    return x + noise.clamp(-2 * std, 2 * std)
+    return x + noise.clamp(-2 * std, 2 * std).to(x.device)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def autocast(device: Any, amp: str) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` for ``amp`` ("bf16" / "fp16") on ``device``; a no-op for "none"."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=_AMP_DTYPES[amp])
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch: int = 16) -> torch.Tensor:
-    """Eval-mode logits for ``(N, 1, H, W)`` images, in chunks."""
+def predict(model: nn.Module, x: torch.Tensor, batch: int = 16, amp: str = "none") -> torch.Tensor:
+    """Eval-mode float32 logits on the CPU for ``(N, 1, H, W)`` images, in chunks on the
+    model's device."""
     was = model.training
     model.eval()
-    out = torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
+    device = _device_of(model)
+    with autocast(device, amp):
+        out = torch.cat([model(x[i : i + batch].to(device)).float().cpu()
+                         for i in range(0, len(x), batch)])  # fmt: skip
     model.train(was)
     return out
 
@@ -97,8 +130,10 @@ def _annotated(y: torch.Tensor, ignore_index: Optional[int]) -> torch.Tensor:
     return torch.ones_like(y, dtype=torch.bool) if ignore_index is None else y != ignore_index
 
 
-def _mean_dice(model: nn.Module, x: torch.Tensor, y: torch.Tensor, data: SliceData) -> float:
-    pred = pseudo_labels(predict(model, x))
+def _mean_dice(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, data: SliceData, amp: str = "none"
+) -> float:
+    pred = pseudo_labels(predict(model, x, amp=amp))
     annotated = _annotated(y, data.ignore_index)
     scores = []
     for c in range(1, data.num_classes):
@@ -139,13 +174,17 @@ class Run:
     ) -> None:
         self.method, self.seed, self.data, self.cfg, self.folder = method, seed, data, cfg, folder
         self.rank, self.world = _world()
+        self.device = torch.device(cfg.device)
         torch.manual_seed(seed)  # identical initial weights for every method of a seed
-        self.student = UNet2D(1, data.num_classes, cfg.base, cfg.levels)
+        # built on the CPU (the same initial weights on every device), then moved
+        self.student = UNet2D(1, data.num_classes, cfg.base, cfg.levels).to(self.device)
         self.teacher = make_teacher(self.student) if method in SEMI else None
         self.model: nn.Module = self.student
         if self.world > 1:
             self.model = nn.parallel.DistributedDataParallel(self.student)
         self.opt = torch.optim.Adam(self.student.parameters(), lr=cfg.lr)
+        # fp16 needs loss scaling against underflowing gradients; bf16 and none do not
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.generator = torch.Generator().manual_seed(seed * 1000 + self.rank)
         torch.manual_seed(seed * 1000 + 1 + self.rank)  # dropout masks differ across ranks
         self.step = 0
@@ -175,6 +214,8 @@ class Run:
             "opt": self.opt.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "history": self.history,
             "seconds": self.seconds,
         }
@@ -190,7 +231,8 @@ class Run:
         if not self.checkpoint_path.is_file():
             return False
         try:
-            state = load_checkpoint(self.checkpoint_path)
+            # on the CPU first: a checkpoint written on a GPU loads on a machine without one
+            state = load_checkpoint(self.checkpoint_path, map_location="cpu")
         except DamagedCheckpoint as err:
             warn(f"{err.args[0]}; {self.method} seed {self.seed} starts afresh (its next "
                  "checkpoint replaces the file).")  # fmt: skip
@@ -201,6 +243,10 @@ class Run:
         self.opt.load_state_dict(state["opt"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        if self.scaler.is_enabled() and state.get("scaler"):  # absent: a run begun without fp16
+            self.scaler.load_state_dict(state["scaler"])
         self.step, self.history, self.seconds = state["step"], state["history"], state["seconds"]
         return True
 
@@ -211,24 +257,47 @@ class Run:
         return self.cfg.lr * (1.0 - self.step / self.cfg.iterations) ** 0.9
 
     def train_step(self) -> dict[str, float]:
-        cfg, data, g, t = self.cfg, self.data, self.generator, self.step
+        cfg, g, t = self.cfg, self.generator, self.step
         for group in self.opt.param_groups:
             group["lr"] = self._lr()
         idx = _sample(len(self.train_x), cfg.labeled_batch, g)
         xl, yl = augment(self.train_x[idx], self.train_y[idx], g)
         log: dict[str, float] = {}
         self.model.train()
+        with autocast(self.device, cfg.amp):
+            loss = self._loss(xl, yl, log)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()  # unscaled unless fp16
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        if self.world > 1:  # keep BatchNorm statistics identical on every rank
+            for buf in self.student.buffers():
+                if buf.is_floating_point():
+                    dist.all_reduce(buf)
+                    buf.div_(self.world)
+        if self.teacher is not None:
+            ema_update(self.teacher, self.student, t, self.cfg.ema_decay)
+        log["loss"] = loss.item()
+        self.step += 1
+        return log
+
+    def _loss(self, xl: torch.Tensor, yl: torch.Tensor, log: dict[str, float]) -> torch.Tensor:
+        """The method's loss of one step (under the step's autocast); the batches are drawn
+        and augmented on the CPU from the run's generator, then moved to the run's device."""
+        cfg, data, g, t, dev = self.cfg, self.data, self.generator, self.step, self.device
+        xl, yl = xl.to(dev), yl.to(dev)
         if self.method in ("supervised", "full"):
             if self.method == "full":  # the upper bound sees as many labeled images per step
                 idx2 = _sample(len(self.train_x), cfg.unlabeled_batch, g)
                 x2, y2 = augment(self.train_x[idx2], self.train_y[idx2], g)
-                xl, yl = torch.cat([xl, x2]), torch.cat([yl, y2])
+                xl, yl = torch.cat([xl, x2.to(dev)]), torch.cat([yl, y2.to(dev)])
             loss = region_ce_dice_loss(self.model(xl), yl, ignore_index=data.ignore_index)
             log["sup"] = loss.item()
         else:
             assert self.teacher is not None
             idx_u = _sample(len(data.unlabeled_x), cfg.unlabeled_batch, g)
             xu, yu = augment(data.unlabeled_x[idx_u], data.unlabeled_y[idx_u], g)
+            xu, yu = xu.to(dev), yu.to(dev)
             logits = self.model(torch.cat([xl, xu]))
             zl, zu = logits[: len(xl)], logits[len(xl) :]
             with torch.no_grad():
@@ -289,19 +358,7 @@ class Run:
                 log["pl_error_trusted"] = (
                     (wrong & trusted).sum() / trusted.sum().clamp_min(1)
                 ).item()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        if self.world > 1:  # keep BatchNorm statistics identical on every rank
-            for buf in self.student.buffers():
-                if buf.is_floating_point():
-                    dist.all_reduce(buf)
-                    buf.div_(self.world)
-        if self.teacher is not None:
-            ema_update(self.teacher, self.student, t, self.cfg.ema_decay)
-        log["loss"] = loss.item()
-        self.step += 1
-        return log
+        return loss
 
     # ---------------------------------------------------------------------------- the loop
 
@@ -319,7 +376,7 @@ class Run:
                 self.history["log"].append({"step": self.step, **log})
             if self.rank == 0 and (self.step % cfg.eval_every == 0 or self.step == cfg.iterations):
                 data = self.data
-                d = _mean_dice(self.student, data.val_x, data.val_y, data)
+                d = _mean_dice(self.student, data.val_x, data.val_y, data, cfg.amp)
                 self.history["val"].append({"step": self.step, "dice": d})
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations:
                 self.save()
@@ -332,18 +389,19 @@ class Run:
         """Per-volume test metrics of the student (``metrics.evaluate``: every test volume
         scored whole, per class) plus what the figures need (one example slice)."""
         data = self.data
-        logits = predict(self.student, data.test_x)
+        logits = predict(self.student, data.test_x, amp=self.cfg.amp)
         pred = pseudo_labels(logits).numpy()
         target = data.test_y.numpy()
         metrics = evaluate([(v.name, pred[v.start : v.stop], target[v.start : v.stop], v.spacing)
                             for v in data.test_volumes], data.num_classes,
                            data.ignore_index)  # fmt: skip
         k = example_slice(data.test_y, data.num_classes)
-        est = mc_dropout_uncertainty(
-            self.student.eval(), data.test_x[k : k + 1], passes=self.cfg.mc_passes,
-            normalize=True,
-        )  # fmt: skip
-        u = est.predictive_entropy[0]
+        with autocast(self.device, self.cfg.amp):
+            est = mc_dropout_uncertainty(
+                self.student.eval(), data.test_x[k : k + 1].to(self.device),
+                passes=self.cfg.mc_passes, normalize=True,
+            )  # fmt: skip
+        u = est.predictive_entropy[0].float().cpu()
         # the high region as the method's loss draws it on labeled data at the end of training
         # (BUAL's own threshold; UA-MT's for the other methods)
         default = relative_threshold() if self.method in BUAL else self.threshold  # library's
