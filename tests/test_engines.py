@@ -19,7 +19,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bual_losses
-from bual_losses import bidirectional_loss, region_ce_dice_loss
+from bual_losses import (
+    bidirectional_loss,
+    ratio_schedule,
+    region_ce_dice_loss,
+    relative_threshold,
+)
 from bual_losses._core import Finish, Options, RegionStats, finish, finish_grad
 from bual_losses.engines import ENGINES, select_engine, use_engine
 
@@ -370,3 +375,21 @@ def test_torch_func_grad_and_vmap_of_the_default_path() -> None:
     leaf = z.clone().requires_grad_()
     bidirectional_loss(leaf, y, zu, zt, step=4, total_steps=10, impl="reference").backward()
     torch.testing.assert_close(grad, leaf.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_compile_with_map_thresholds_equals_eager() -> None:
+    """Ratio and batch-relative thresholds take the whole map (and on CPU a float16 weight):
+    that path must trace with fullgraph=True too."""
+    torch._dynamo.reset()
+    zl, y, zu, zt = _batch(3, seed=31)
+    options = dict(
+        high_threshold=ratio_schedule(0.25),
+        low_threshold=relative_threshold(1.2, per_sample=False),
+        total_steps=10,
+    )
+
+    def step_fn(a: Any, b: Any) -> torch.Tensor:
+        return bidirectional_loss(a, y, b, zt, step=3, **options)  # type: ignore[return-value]
+
+    compiled = torch.compile(step_fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(zl, zu), step_fn(zl, zu), rtol=1e-10, atol=1e-12)
