@@ -39,6 +39,7 @@ from .runfolder import (
     delete_run_folder,
     read_config,
     read_result,
+    run_folder,
     tagged,
     write_atomic,
 )
@@ -284,7 +285,7 @@ def _run_pool(
     done: dict[tuple[str, int], dict[str, Any]] = {}
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker,
                              initargs=(progress, threads)) as pool:  # fmt: skip
-        futures = {pool.submit(worker_job, m, s, data, cfg, out / "runs" / f"{m}_seed{s}"):
+        futures = {pool.submit(worker_job, m, s, data, cfg, run_folder(out, m, s)):
                    (m, s) for m, s in jobs}  # fmt: skip
         pending = set(futures)
         while pending:
@@ -313,7 +314,7 @@ def _train(
         elif workers == 1:
             for method, seed in jobs:
                 bar.set_description(f"{method} seed {seed}")
-                r = run_one(method, seed, data, cfg, out / "runs" / f"{method}_seed{seed}",
+                r = run_one(method, seed, data, cfg, run_folder(out, method, seed),
                             bar.update)  # fmt: skip
                 if r is not None:
                     done[(method, seed)] = r
@@ -407,7 +408,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.report_only:
         jobs, total = [], 0
         for method, seed in [(m, s) for s in seeds for m in args.methods]:
-            result = read_result(out / "runs" / f"{method}_seed{seed}" / "result.json")
+            result = read_result(run_folder(out, method, seed) / "result.json")
             if result is not None:
                 done[(method, seed)] = result
         seeds = [s for s in seeds if all((m, s) in done for m in args.methods)]
@@ -419,7 +420,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except RunFolderError as err:  # a checkpoint that does not load safely: stop cleanly
         print(f"\nerror: {err}", file=sys.stderr)
         return 2
-    dirs = {m: out / "runs" / f"{m}_seed{seeds[0]}" for m in args.methods}
+    dirs = {m: run_folder(out, m, seeds[0]) for m in args.methods}
     results = {m: [done[(m, s)] for s in seeds] for m in args.methods} if rank == 0 else {}
     if rank == 0:
         unit = data.unit
