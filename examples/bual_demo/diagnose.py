@@ -41,7 +41,7 @@ from torch import nn
 from bual_losses import ErrorDetectionAccumulator, entropy_map, mc_dropout_uncertainty
 from bual_losses.pseudo import pseudo_labels
 
-from .__main__ import load_data, parse_args
+from .cli import load_data, parse_args
 from .data import DataError, SliceData, example_slice
 from .model import UNet2D
 from .report import LABELS
