@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from . import ABLATIONS
 from .cli import load_data, parse_args  # the flags and the data (shared with diagnose.py)
 from .data import DataError, SliceData
+from .diagnose import diagnose
 from .report import figures, write_report
 from .runfolder import (
     RunFolderError,
@@ -233,8 +234,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"Table: {md} and {js}")
         print("Figures: " + ", ".join(str(p) for p in paths))
         if not args.no_diagnostics and world == 1:
-            from .diagnose import diagnose  # imported here: matplotlib only when needed
-
             print(
                 "\nDiagnostics: does each final teacher's uncertainty find its pseudo-label errors?"
             )
