@@ -41,11 +41,11 @@ from torch import nn
 from bual_losses import ErrorDetectionAccumulator, entropy_map, mc_dropout_uncertainty
 from bual_losses.pseudo import pseudo_labels
 
-from .__main__ import load_data, parse_args
+from .cli import load_data, parse_args
 from .data import DataError, SliceData, example_slice
 from .model import UNet2D
 from .report import LABELS
-from .runfolder import RunFolderError, load_checkpoint, read_config
+from .runfolder import RunFolderError, load_checkpoint, read_config, run_folder
 from .train import TrainConfig
 
 ESTIMATORS = ("entropy", "mc_dropout")
@@ -235,7 +235,7 @@ def diagnose(
     for method in methods:
         runs[method] = []
         for seed in seeds:
-            folder = run_dir / "runs" / f"{method}_seed{seed}"
+            folder = run_folder(run_dir, method, seed)
             teacher = load_teacher(folder, method, data, cfg)
             reports, arrays = teacher_reports(teacher, data, passes=passes, seed=seed)
             entry = {"seed": seed, **{n: scalars(r) for n, r in reports.items()}}

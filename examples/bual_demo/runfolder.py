@@ -39,6 +39,12 @@ RUN_LAYOUT = (
 )
 
 
+def run_folder(out: Path, method: str, seed: int) -> Path:
+    """The folder of one run (``method`` x ``seed``) inside the comparison folder ``out``: the
+    one place the ``runs/<method>_seed<N>`` layout is spelled (``_RUN`` recognises it)."""
+    return out / "runs" / f"{method}_seed{seed}"
+
+
 class RunFolderError(Exception):
     """A run folder (or a file in it) that the trainer will not use or delete."""
 

@@ -17,28 +17,22 @@ import torch.distributed as dist
 from torch import nn
 
 from bual_losses import (
-    bidirectional_loss,
-    entropy_map,
-    low_uncertainty_mask,
     mc_dropout_uncertainty,
     rampup_schedule,
-    ratio_schedule,
-    region_ce_dice_loss,
-    region_fraction,
     relative_threshold,
     resolve_threshold,
     uamt_threshold_schedule,
 )
 from bual_losses.pseudo import pseudo_labels
 
-from . import ABLATIONS
 from .data import SliceData, augment, example_slice
+from .methods import BUAL, LOSSES, SEMI, bual_options
+from .methods._base import annotated as _annotated
+from .methods._base import sample as _sample
 from .metrics import evaluate
 from .model import UNet2D, ema_update, make_teacher
 from .runfolder import DamagedCheckpoint, load_checkpoint, read_result, warn, write_atomic
 
-BUAL = ("bual", *ABLATIONS)
-SEMI = ("mean_teacher", "uamt", *BUAL)
 #: ``bual_uncertainty``: the library's entropy of the teacher, or UA-MT's MC-dropout estimate.
 UNCERTAINTIES = ("entropy", "mc")
 #: ``--device``: ``auto`` is CUDA when available, else the CPU.
@@ -90,16 +84,6 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _sample(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randint(0, n, (k,), generator=generator)
-
-
-def _teacher_input(x: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
-    # drawn on the CPU from the run's generator (the same numbers on every device)
-    noise = torch.randn(x.shape, generator=generator) * std
-    return x + noise.clamp(-2 * std, 2 * std).to(x.device)
-
-
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -125,11 +109,6 @@ def predict(model: nn.Module, x: torch.Tensor, batch: int = 16, amp: str = "none
     return out
 
 
-def _annotated(y: torch.Tensor, ignore_index: Optional[int]) -> torch.Tensor:
-    """The voxels with a label (all but ``ignore_index``)."""
-    return torch.ones_like(y, dtype=torch.bool) if ignore_index is None else y != ignore_index
-
-
 def _mean_dice(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, data: SliceData, amp: str = "none"
 ) -> float:
@@ -141,29 +120,6 @@ def _mean_dice(
         if t.any():  # a class absent from the validation labels is n/a, as in the test metrics
             scores.append((2 * (p & t).sum() / (p.sum() + t.sum())).item())
     return float(np.mean(scores)) if scores else math.nan
-
-
-def bual_options(method: str, cfg: TrainConfig) -> dict[str, Any]:
-    """The ``bidirectional_loss`` options of a BUAL method: ``bual`` keeps the library's
-    defaults; the ablations change one thing each. ``--bual-high-ratio`` / ``--bual-low-ratio``
-    override the thresholds of every variant."""
-    options: dict[str, Any] = {"alpha": cfg.bual_alpha, "beta": cfg.bual_beta}
-    uamt = uamt_threshold_schedule(cfg.iterations, base="normalized")
-    if method == "bual_uamt":  # the former default: UA-MT's 0.75 -> 1.0 of the max entropy
-        options.update(high_threshold=uamt, low_threshold=uamt)
-    elif method == "bual_ratio":  # fixed sizes: top 10 % emphasised, top 20 % distrusted
-        options.update(high_threshold=ratio_schedule(0.1), low_threshold=ratio_schedule(0.2))
-    elif method == "bual_labeled":  # the labeled emphasis alone: every pseudo-label trusted
-        options.update(low_threshold=1.0)  # u <= 1 everywhere
-    elif method == "bual_unlabeled":  # the unlabeled selection alone: no emphasis
-        options.update(alpha=0.0)
-    elif method == "bual_soft":  # soft regions: sigmoid((u - tau) / T)
-        options.update(temperature=0.05)
-    if cfg.bual_high_ratio is not None:
-        options["high_threshold"] = ratio_schedule(cfg.bual_high_ratio)
-    if cfg.bual_low_ratio is not None:
-        options["low_threshold"] = ratio_schedule(cfg.bual_low_ratio)
-    return options
 
 
 class Run:
@@ -282,83 +238,11 @@ class Run:
         return log
 
     def _loss(self, xl: torch.Tensor, yl: torch.Tensor, log: dict[str, float]) -> torch.Tensor:
-        """The method's loss of one step (under the step's autocast); the batches are drawn
-        and augmented on the CPU from the run's generator, then moved to the run's device."""
-        cfg, data, g, t, dev = self.cfg, self.data, self.generator, self.step, self.device
-        xl, yl = xl.to(dev), yl.to(dev)
-        if self.method in ("supervised", "full"):
-            if self.method == "full":  # the upper bound sees as many labeled images per step
-                idx2 = _sample(len(self.train_x), cfg.unlabeled_batch, g)
-                x2, y2 = augment(self.train_x[idx2], self.train_y[idx2], g)
-                xl, yl = torch.cat([xl, x2.to(dev)]), torch.cat([yl, y2.to(dev)])
-            loss = region_ce_dice_loss(self.model(xl), yl, ignore_index=data.ignore_index)
-            log["sup"] = loss.item()
-        else:
-            assert self.teacher is not None
-            idx_u = _sample(len(data.unlabeled_x), cfg.unlabeled_batch, g)
-            xu, yu = augment(data.unlabeled_x[idx_u], data.unlabeled_y[idx_u], g)
-            xu, yu = xu.to(dev), yu.to(dev)
-            logits = self.model(torch.cat([xl, xu]))
-            zl, zu = logits[: len(xl)], logits[len(xl) :]
-            with torch.no_grad():
-                zt = self.teacher(_teacher_input(xu, cfg.teacher_noise, g))
-            lam = float(self.lam(t))
-            log["lambda"] = lam
-            if self.method in ("mean_teacher", "uamt"):
-                sup = region_ce_dice_loss(zl, yl, ignore_index=data.ignore_index)
-                dist_sq = (zu.softmax(1) - zt.softmax(1)).pow(2).mean(1)  # (B, H, W)
-                if self.method == "uamt":
-                    est = mc_dropout_uncertainty(
-                        self.teacher, xu, passes=cfg.mc_passes, noise_std=cfg.teacher_noise,
-                        noise_clip=2 * cfg.teacher_noise, batch_repeats=2, normalize=True,
-                    )  # fmt: skip
-                    mask = low_uncertainty_mask(
-                        est.predictive_entropy, self.threshold, step=t
-                    ).float()
-                    cons = (mask * dist_sq).sum() / (mask.sum() + 1e-8)
-                    log["low_fraction"] = region_fraction(mask).item()
-                    log["threshold"] = float(self.threshold(t))
-                    trusted = mask.bool()
-                else:
-                    cons = dist_sq.mean()
-                    trusted = torch.ones_like(yu, dtype=torch.bool)
-                loss = sup + lam * cons
-                log.update(sup=sup.item(), cons=cons.item())
-            else:
-                kwargs = bual_options(self.method, cfg)
-                if cfg.bual_uncertainty == "mc":
-                    est = mc_dropout_uncertainty(
-                        self.teacher, xu, passes=cfg.mc_passes, noise_std=cfg.teacher_noise,
-                        noise_clip=2 * cfg.teacher_noise, batch_repeats=2, normalize=True,
-                    )  # fmt: skip
-                    kwargs["unlabeled_uncertainty"] = est.predictive_entropy
-                loss, parts = bidirectional_loss(
-                    zl, yl, zu, zt, step=t, total_steps=cfg.iterations,
-                    consistency_weight=self.lam, ignore_index=data.ignore_index,
-                    return_parts=True, **kwargs,
-                )  # fmt: skip
-                log.update(
-                    sup=parts.labeled_loss.item(),
-                    cons=parts.unlabeled_loss.item(),
-                    high_fraction=parts.labeled_high_fraction.item(),
-                    low_fraction=parts.unlabeled_low_fraction.item(),
-                    threshold=parts.low_threshold.float().mean().item(),
-                )
-                u = kwargs.get("unlabeled_uncertainty")
-                if u is None:
-                    u = entropy_map(zt, from_logits=True, normalize=True)
-                thr = parts.low_threshold.reshape(-1, *([1] * (u.ndim - 1)))
-                trusted = u <= thr
-            # diagnostics from the hidden labels (never used for training): pseudo-label error
-            with torch.no_grad():
-                annotated = _annotated(yu, data.ignore_index)
-                wrong = (pseudo_labels(zt) != yu) & annotated
-                trusted = trusted & annotated
-                log["pl_error"] = (wrong.sum() / annotated.sum().clamp_min(1)).item()
-                log["pl_error_trusted"] = (
-                    (wrong & trusted).sum() / trusted.sum().clamp_min(1)
-                ).item()
-        return loss
+        """The method's loss of one step (under the step's autocast; ``methods.LOSSES``); the
+        batches are drawn and augmented on the CPU from the run's generator, then moved to the
+        run's device."""
+        xl, yl = xl.to(self.device), yl.to(self.device)
+        return LOSSES[self.method](self, xl, yl, log)
 
     # ---------------------------------------------------------------------------- the loop
 

@@ -1,0 +1,228 @@
+"""The trainer's command line: the flags (``build_parser``), their checks (``check_args``,
+every one before any data is read) and the data they describe (``load_data``).
+
+Shared by ``python -m examples.bual_demo`` and ``python -m examples.bual_demo.diagnose`` (which
+rebuilds the comparison's data from the same data flags), so neither imports the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import ALL_METHODS, METHODS
+from .data import (
+    DataError,
+    SlabSplit,
+    SliceData,
+    cases_data,
+    mni_data,
+    read_h5_dir,
+    read_nifti_dir,
+)
+from .train import AMPS, DEVICES, UNCERTAINTIES, TrainConfig, resolve_device
+
+#: The value rules of the flags, checked by ``check_args`` (flag name -> (valid?, a valid
+#: value)). ``None`` (a flag left at a default of "none" / "the budget's") is always valid.
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seeds": (lambda v: v >= 1, ">= 1"),
+    "iterations": (lambda v: v >= 1, ">= 1"),
+    "workers": (lambda v: v >= 1, ">= 1"),
+    "threads": (lambda v: v >= 1, ">= 1"),
+    "labeled": (lambda v: v >= 1, ">= 1"),
+    "downsample": (lambda v: v >= 1, ">= 1"),
+    "corruption": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "data_seed": (lambda v: v >= 0, ">= 0"),
+    "gap": (lambda v: v >= 0, ">= 0"),
+    "ignore_label": (lambda v: v >= 0, ">= 0"),
+    "spacing": (lambda v: all(math.isfinite(s) and s > 0 for s in v), "three finite numbers > 0"),
+    # training (TrainConfig)
+    "labeled_batch": (lambda v: v >= 1, ">= 1"),
+    "unlabeled_batch": (lambda v: v >= 1, ">= 1"),
+    "lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "base": (lambda v: v >= 1, ">= 1"),
+    "levels": (lambda v: v >= 1, ">= 1"),
+    "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "consistency": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "rampup": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "teacher_noise": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "mc_passes": (lambda v: v >= 2 and v % 2 == 0, "even and >= 2 (two passes per forward)"),
+    "bual_alpha": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "bual_beta": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "bual_high_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "bual_low_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "eval_every": (lambda v: v >= 1, ">= 1"),
+    "log_every": (lambda v: v >= 1, ">= 1"),
+    "checkpoint_every": (lambda v: v >= 1, ">= 1"),
+}
+CHOICES = {"bual_uncertainty": UNCERTAINTIES, "amp": AMPS}
+HELP = {"amp": "mixed precision: none (default, float32), bf16 (autocast to bfloat16; CPU or "
+               "GPU) or fp16 (autocast to float16 with a GradScaler; CUDA only)"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m examples.bual_demo",
+        description="Compare supervised, mean teacher, UA-MT, BUAL and fully supervised "
+        "training on the same data, seeds and iteration budget.",
+    )
+    p.add_argument("--full", action="store_true",
+                   help="full budget (3 seeds, 600 iterations; 15-90 min on 2 cores) instead of "
+                   "the demonstration budget (2 seeds, 200 iterations; 5-12 min)")  # fmt: skip
+    p.add_argument("--out", type=Path, help="output folder (default runs/demo or runs/full)")
+    p.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(METHODS),
+                   help="methods to compare (default: the first five; the bual_* variants are "
+                   "the ablation of BUAL's defaults and directions)")
+    p.add_argument("--seeds", type=int, help="number of seeds, >= 1 (seeds 0, 1, ...)")
+    p.add_argument("--iterations", type=int, help="iterations per run (every method), >= 1")
+    p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where to train: auto (default) is CUDA when available, else the CPU. "
+                   "A run folder may be resumed on the other device")  # fmt: skip
+    p.add_argument(
+        "--no-diagnostics",
+        action="store_true",
+        help="skip the pseudo-label error diagnostics of the final teachers "
+        "(python -m examples.bual_demo.diagnose)",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: tabulate the runs of --out that have finished so far",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="runs trained in parallel, one process each (1 under torchrun)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads per worker process. 1 is fastest on 2 shared "
+        "cores: 2 threads per process measured 10x slower under contention",
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--nifti-dir", type=Path, help="folder with images/*.nii.gz + "
+                   "labels/*.nii.gz; each test case is scored as a volume, in mm from the "
+                   "image headers' voxel size")  # fmt: skip
+    g.add_argument("--h5-dir", type=Path, help="folder of SSL4MIS-style *.h5 (image, label); "
+                   "each test case is scored as a volume (see --spacing)")  # fmt: skip
+    g.add_argument("--ignore-label", type=int, metavar="V",
+                   help="--nifti-dir / --h5-dir: voxels labelled V (e.g. 255) are unannotated: "
+                   "left out of the losses and the metrics. Every other label value found is a "
+                   "class; sorted values become classes 0, 1, ... (labels 0, 1, 5 -> 3 "
+                   "classes), a mapping the data summary prints")  # fmt: skip
+    g.add_argument("--spacing", type=float, nargs=3, metavar=("SLICE", "ROW", "COL"),
+                   help="--h5-dir: the voxel size in mm along the files' axes (slices first; "
+                   "for 2D slice files the distance between slices, then rows, columns), which "
+                   "HDF5 files do not store; scaled with --size. Without it HD95 and ASD are "
+                   "in voxels of the resized slices. NIfTI headers give their own; the MNI "
+                   "template is 1 mm")  # fmt: skip
+    g.add_argument("--labeled", type=int, default=2, help="number of labeled slices")
+    g.add_argument("--size", type=int, nargs=2, default=(96, 112), metavar=("H", "W"),
+                   help="--nifti-dir / --h5-dir: every slice is resized to H x W pixels (the "
+                   "voxel size scaled to match); the MNI slices are cropped or padded to it; "
+                   "both divisible by 2 ** (--levels - 1)")  # fmt: skip
+    g.add_argument("--downsample", type=int, default=2, metavar="D",
+                   help="MNI in-plane downsampling (1 mm pixels become about D mm)")  # fmt: skip
+    g.add_argument(
+        "--corruption",
+        type=float,
+        default=1.0,
+        help="strength of the MNI acquisition corruption (0 = clean template)",
+    )
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the corruption")
+    g.add_argument("--gap", type=int, default=3,
+                   help="slices left out on each side of a labeled slice")  # fmt: skip
+    g.add_argument("--train-slab", type=int, nargs=2, default=(30, 110), metavar=("START", "STOP"))
+    g.add_argument("--val-slab", type=int, nargs=2, default=(114, 121), metavar=("START", "STOP"))
+    g.add_argument("--test-slab", type=int, nargs=2, default=(125, 150), metavar=("START", "STOP"),
+                   help="MNI axial slabs [START, STOP); the test slab is one volume, scored "
+                   "whole")  # fmt: skip
+    t = p.add_argument_group("training (defaults from SSL4MIS / UA-MT where they exist)")
+    defaults = TrainConfig()
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in ("iterations", "device"):  # --iterations: the budget's; --device above
+            continue
+        value = getattr(defaults, field.name)
+        kind = float if field.name.endswith("ratio") else type(value) if value is not None else str
+        rule = RULES.get(field.name)
+        t.add_argument("--" + field.name.replace("_", "-"), type=kind, default=value,
+                       choices=CHOICES.get(field.name),
+                       help=HELP.get(field.name) or f"{rule[1] if rule else ''} "
+                       f"(default {value})".lstrip())  # fmt: skip
+    return p
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every check of the flags, in one place, before any data is read: a bad value ends the
+    program through ``parser.error`` (exit status 2, one line naming the flag)."""
+    for name, (valid, expected) in RULES.items():
+        value = getattr(args, name, None)
+        if value is not None and not valid(value):
+            parser.error(f"argument --{name.replace('_', '-')}: must be {expected}, got {value}")
+    step = 2 ** (args.levels - 1)  # the U-Net halves the slice levels - 1 times
+    if any(side < step or side % step for side in args.size):
+        parser.error(
+            f"argument --size: both sides must be positive multiples of 2 ** (--levels - 1) = "
+            f"{step} (--levels {args.levels}), got {args.size[0]} {args.size[1]}"
+        )
+    if args.nifti_dir and args.h5_dir:
+        parser.error("argument --nifti-dir: give either --nifti-dir or --h5-dir, not both")
+    if args.ignore_label is not None and not (args.nifti_dir or args.h5_dir):
+        parser.error("argument --ignore-label: applies to --nifti-dir / --h5-dir labels only")
+    if getattr(args, "spacing", None) is not None and not args.h5_dir:
+        parser.error("argument --spacing: applies to --h5-dir only (NIfTI headers give the "
+                     "voxel size; the MNI template is 1 mm)")  # fmt: skip
+    if not (args.nifti_dir or args.h5_dir):
+        try:
+            slabs(args).check()
+        except DataError as err:
+            parser.error(f"argument --train-slab/--val-slab/--test-slab: {err}")
+    device = getattr(args, "device", "auto")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: cuda asked for, but CUDA is not available here "
+                     "(use --device cpu or auto)")  # fmt: skip
+    if getattr(args, "amp", "none") == "fp16" and resolve_device(device) == "cpu":
+        parser.error("argument --amp: fp16 needs a CUDA device (CPU autocast supports bf16 "
+                     "only); use --amp bf16 or none on the CPU")  # fmt: skip
+    if getattr(args, "fresh", False) and getattr(args, "report_only", False):
+        parser.error("argument --fresh: --report-only never deletes; drop --fresh")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The trainer's flags, parsed and checked (``check_args``)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def slabs(args: argparse.Namespace) -> SlabSplit:
+    """The MNI slabs of the flags."""
+    return SlabSplit(tuple(args.train_slab), tuple(args.val_slab), tuple(args.test_slab),
+                     args.gap)  # fmt: skip
+
+
+def load_data(args: argparse.Namespace) -> SliceData:
+    size = tuple(args.size)
+    if args.nifti_dir:
+        cases = read_nifti_dir(args.nifti_dir)
+        return cases_data(cases, labeled=args.labeled, size=size, gap=args.gap,
+                          ignore_label=args.ignore_label,
+                          description=f"NIfTI folder {args.nifti_dir}")  # fmt: skip
+    if args.h5_dir:
+        cases = read_h5_dir(args.h5_dir)
+        spacing = tuple(args.spacing) if args.spacing else None
+        return cases_data(cases, labeled=args.labeled, size=size, gap=args.gap,
+                          spacing=spacing, ignore_label=args.ignore_label,
+                          description=f"HDF5 folder {args.h5_dir}")  # fmt: skip
+    return mni_data(labeled=args.labeled, size=size, downsample=args.downsample, split=slabs(args),
+                    corruption=args.corruption, data_seed=args.data_seed)  # fmt: skip
