@@ -294,34 +294,24 @@ def _branch(
         # a mean (per sample, or over the ranks' batch) or a ratio: from the whole map
         u = normalized_entropy(logits if teacher is None else teacher)
     if u is None:
-        thr: Union[float, torch.Tensor, None] = 0.0
         if relative:
             # a factor: the engine takes each sample's mean from the entropy it computes
             factor = cast(RelativeThreshold, region.threshold)(step)
             derived = region.weight(factor)._replace(relative=True)
         else:
-            thr = _number_threshold(region, step)
-            if thr is None:
-                # resolve_threshold reads only the shape of the map for these thresholds: a
-                # (B, *S) broadcast of one element stands in for it (no memory, true shapes in
-                # messages)
-                probe = logits.new_empty((), dtype=dtype).expand(b, *spatial)
-                resolved = resolve_threshold(probe, region.threshold, step=step)
-                thr = _flat_threshold(cast(torch.Tensor, resolved))
-            derived = region.weight(thr)
+            derived = region.weight(_threshold_without_map(region, step, logits, dtype))
         loss, mass = region_loss(
             logits, target, None, opts, spec,
             impl=impl, validate=validate, derived=derived, teacher=teacher,
         )  # fmt: skip
         assert mass is not None  # a derived weight always has one
-        if relative and report:  # the value, computed again only to be reported
-            source = normalized_entropy(logits if teacher is None else teacher)
-            thr = _flat_threshold(cast(torch.Tensor, derived.absolute(source).threshold))
-        return (
-            loss,
-            cast(Union[float, torch.Tensor], thr),
-            global_mean(mass, math.prod(spatial) * b, group),
-        )
+        thr = derived.threshold
+        if relative:  # the value, computed again only when it is reported
+            thr = 0.0
+            if report:
+                source = normalized_entropy(logits if teacher is None else teacher)
+                thr = _flat_threshold(cast(torch.Tensor, derived.absolute(source).threshold))
+        return loss, thr, global_mean(mass, math.prod(spatial) * b, group)
     thr_full = cast(
         torch.Tensor, resolve_threshold(u, region.threshold, step=step, sync_dist=group)
     )
@@ -351,6 +341,22 @@ def _branch(
         logits, target, weight, opts, spec, impl=impl, validate=validate, teacher=teacher
     )
     return loss, _flat_threshold(thr_full), global_mean(s_sum, numel, group)
+
+
+def _threshold_without_map(
+    region: _Region, step: Numeric, logits: torch.Tensor, dtype: torch.dtype
+) -> Union[float, torch.Tensor]:
+    """A threshold that needs no map: a number (compared as a scalar, no kernel), else the
+    tensor ``resolve_threshold`` gives, which reads only the map's shape: a ``(B, *S)``
+    broadcast of one element stands in for it (no memory, the true shapes in messages)."""
+    thr = _number_threshold(region, step)
+    if thr is not None:
+        return thr
+    b, _, *spatial = logits.shape
+    probe = logits.new_empty((), dtype=dtype).expand(b, *spatial)
+    return _flat_threshold(
+        cast(torch.Tensor, resolve_threshold(probe, region.threshold, step=step))
+    )
 
 
 def _exact_in_half(value: float) -> bool:
