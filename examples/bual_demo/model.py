@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import nn
+
+#: SSL4MIS's U-Net encoder dropout rates, one per level (16, 32, 64, 128, 256 channels):
+#: ``params["dropout"]`` of ``UNet`` in HiLab-git/SSL4MIS ``code/networks/unet.py``. Use with
+#: ``UNet2D(levels=5, dropout=SSL4MIS_DROPOUT)`` (SSL4MIS's decoder has no dropout; UNet2D's
+#: decoder blocks keep the rate of their level).
+SSL4MIS_DROPOUT = (0.05, 0.1, 0.2, 0.3, 0.5)
 
 
 class ConvBlock(nn.Sequential):
@@ -26,17 +34,37 @@ class ConvBlock(nn.Sequential):
 class UNet2D(nn.Module):
     """U-Net with ``levels`` resolutions (``base * 2**i`` channels) and dropout in every block.
 
-    Dropout rates grow with depth (``0.05 .. 0.3``, as in SSL4MIS's U-Net encoder) so that
-    Monte Carlo dropout has something to sample. Input sides must be divisible by
+    Dropout rates grow with depth so that Monte Carlo dropout has something to sample: by
+    default ``min(0.05 * 2**i, 0.3)`` at level ``i`` (``0.05 .. 0.3``, close to SSL4MIS's U-Net
+    encoder); ``dropout`` sets the rate of every level (:data:`SSL4MIS_DROPOUT` for SSL4MIS's
+    exact rates). A decoder block has the rate of its level. Input sides must be divisible by
     ``2 ** (levels - 1)``.
+
+    Args:
+        dropout: the Dropout2d rate of each level, ``levels`` numbers in ``[0, 1)``; ``None``
+            keeps the default rates above.
     """
 
     def __init__(
-        self, in_channels: int = 1, num_classes: int = 3, base: int = 16, levels: int = 3
+        self,
+        in_channels: int = 1,
+        num_classes: int = 3,
+        base: int = 16,
+        levels: int = 3,
+        *,
+        dropout: Optional[Sequence[float]] = None,
     ) -> None:
         super().__init__()
         widths = [base * 2**i for i in range(levels)]
-        rates = [min(0.05 * 2**i, 0.3) for i in range(levels)]
+        if dropout is None:
+            rates = [min(0.05 * 2**i, 0.3) for i in range(levels)]
+        else:
+            rates = [float(r) for r in dropout]
+            if len(rates) != levels or not all(0.0 <= r < 1.0 for r in rates):
+                raise ValueError(
+                    f"`dropout` must be {levels} rates in [0, 1) (one per level, "
+                    f"levels={levels}), got {tuple(dropout)}."
+                )
         self.down = nn.ModuleList()
         cin = in_channels
         for width, rate in zip(widths, rates):
