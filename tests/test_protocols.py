@@ -1,7 +1,10 @@
-"""The readers of SSL4MIS's ACDC and UA-MT's LA layouts (examples/bual_demo/protocols.py)."""
+"""The readers of SSL4MIS's ACDC and UA-MT's LA layouts (examples/bual_demo/protocols.py) and
+the fixture folders written in those layouts from the MNI template (fixtures.py)."""
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +25,116 @@ from examples.bual_demo.protocols import (  # noqa: E402
     read_ssl4mis_acdc,
     read_ua_mt_la,
 )
+
+CROP = (48, 48, 32)  # the 3D crop CI trains the LA fixture with
+
+
+def _needs_mni() -> None:
+    pytest.importorskip("nibabel")
+    if importlib.util.find_spec("nilearn") is None:
+        pytest.skip("the MNI template ships in the nilearn wheel (pip install --no-deps nilearn)")
+
+
+@pytest.fixture(scope="session")
+def written(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The two fixture folders, written once per session (per xdist worker)."""
+    _needs_mni()
+    from examples.bual_demo.fixtures import write_ssl4mis_acdc, write_ua_mt_la
+
+    base = tmp_path_factory.mktemp("fixtures")
+    return {"acdc": write_ssl4mis_acdc(base / "acdc"), "la": write_ua_mt_la(base / "la")}
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+def test_acdc_fixture_reads_back_in_file_order(written):
+    root = written["acdc"]
+    layout = read_ssl4mis_acdc(root, spacing=(4.0, 4.0, 4.0))
+    assert layout.slice_names == _lines(root / "train_slices.list")
+    assert len(layout.slice_names) == len(layout.slices) == 60
+    patients = list(dict.fromkeys(acdc_patient(n) for n in layout.slice_names))
+    assert len(patients) == 6 and patients != sorted(patients)  # SSL4MIS's list is not sorted
+    assert [v.name for v in layout.val] == _lines(root / "val.list")
+    assert [v.name for v in layout.test] == _lines(root / "test.list")
+    assert len(layout.val) == len(layout.test) == 2
+    held_out = {acdc_patient(v.name) for v in layout.val + layout.test}
+    assert len(held_out) == 2 and not held_out & set(patients)
+    sizes = {}
+    for name, (image, label) in zip(layout.slice_names, layout.slices):
+        assert image.ndim == 2 and image.shape == label.shape
+        assert image.dtype == np.float32 and label.dtype == np.int64
+        assert 0 <= image.min() and image.max() <= 1
+        sizes.setdefault(acdc_patient(name), set()).add(image.shape)
+        # slice_K is slice K - 1 of the frame's volume in data/
+        frame, k = re.fullmatch(r"(.+)_slice_(\d+)", name).groups()
+        with h5py.File(root / "data" / f"{frame}.h5", "r") as f:
+            np.testing.assert_array_equal(f["image"][int(k) - 1], image)
+    assert all(len(s) == 1 for s in sizes.values())  # one size a patient ...
+    assert len({next(iter(s)) for s in sizes.values()}) == 6  # ... differing between patients
+    assert set(np.unique(np.concatenate([y.ravel() for _, y in layout.slices]))) == {0, 1, 2, 3}
+    for volume in layout.val + layout.test:
+        assert volume.image.ndim == 3 and volume.image.shape == volume.label.shape
+        assert volume.image.dtype == np.float32 and volume.label.dtype == np.int64
+        assert set(np.unique(volume.label)) == {0, 1, 2, 3}
+        assert volume.spacing == (4.0, 4.0, 4.0)
+
+
+def test_la_fixture_reads_back_in_file_order(written):
+    root = written["la"]
+    layout = read_ua_mt_la(root)
+    assert [v.name for v in layout.train] == _lines(root / "train.list")
+    assert [v.name for v in layout.test] == _lines(root / "test.list")
+    assert len(layout.train) == 6 and len(layout.test) == 2
+    for volume in layout.train + layout.test:
+        assert re.fullmatch(r"[A-Z0-9]{20}", volume.name)
+        assert (root / "2018LA_Seg_Training Set" / volume.name / "mri_norm2.h5").is_file()
+        assert volume.image.shape == volume.label.shape and volume.image.ndim == 3
+        assert all(n <= m for n, m in zip(volume.image.shape, (56, 60, 40)))
+        assert volume.image.dtype == np.float32 and volume.label.dtype == np.int64
+        assert set(np.unique(volume.label)) == {0, 1}
+        assert abs(volume.image.mean()) < 1e-4 and abs(volume.image.std() - 1) < 1e-4
+        assert volume.spacing is None
+
+
+def test_la_fixture_has_volumes_smaller_than_a_crop(written):
+    layout = read_ua_mt_la(written["la"])
+    for split in (layout.train, layout.test):
+        small = [v.name for v in split if any(n < c for n, c in zip(v.image.shape, CROP))]
+        assert small, f"no volume smaller than a {CROP} crop"
+
+
+def test_fixtures_are_deterministic_and_the_cli_writes_them(written, tmp_path, capsys):
+    from examples.bual_demo.fixtures import main
+
+    for layout in ("acdc", "la"):
+        assert main([layout, str(tmp_path / layout)]) == 0
+        assert _files(tmp_path / layout) == _files(written[layout])
+    out = capsys.readouterr().out
+    assert "60 training slices" in out and "6 training and 2 test cases" in out
+
+
+def test_fixture_writers_refuse_bad_counts(tmp_path, capsys):
+    from examples.bual_demo.fixtures import main, write_ssl4mis_acdc, write_ua_mt_la
+
+    with pytest.raises(ValueError, match="`val_patients` must be >= 1, got 0"):
+        write_ssl4mis_acdc(tmp_path, val_patients=0)
+    with pytest.raises(ValueError, match="at most 100 patients"):
+        write_ssl4mis_acdc(tmp_path, train_patients=99)
+    with pytest.raises(ValueError, match="`folder` must be one of"):
+        write_ua_mt_la(tmp_path, folder="LA")
+    assert main(["la", str(tmp_path), "--test-cases", "0"]) == 2
+    assert "`test_cases` must be >= 1, got 0" in capsys.readouterr().err
+
 
 # ------------------------------------------------------------------------------ labeled slices
 
