@@ -22,8 +22,10 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import ABLATIONS
-from .cli import load_data, parse_args  # the flags and the data (shared with diagnose.py)
-from .data import DataError, SliceData
+
+# the flags and the data (shared with diagnose.py)
+from .cli import BUDGETS, budget, load_data, parse_args
+from .data import DataError
 from .diagnose import diagnose
 from .report import figures, write_report
 from .runfolder import (
@@ -41,13 +43,6 @@ from .train import TrainConfig, init_worker, resolve_device, run_one, worker_job
 COST = {"uamt": 0.33, "mean_teacher": 0.15, "bual": 0.15, "full": 0.12, "supervised": 0.075,
         **{m: 0.15 for m in ABLATIONS}}  # fmt: skip
 
-#: The two budgets. The demo shows the pipeline; the full budget is the one to quote.
-BUDGETS = {
-    "demo": {"iterations": 200, "seeds": 2, "out": "runs/demo"},
-    "full": {"iterations": 600, "seeds": 3, "out": "runs/full"},
-}
-
-
 def _init_distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -56,7 +51,7 @@ def _init_distributed() -> tuple[int, int]:
 
 
 def _run_pool(
-    jobs: list[tuple[str, int]], data: SliceData, cfg: TrainConfig, out: Path,
+    jobs: list[tuple[str, int]], data: Any, cfg: TrainConfig, out: Path,
     workers: int, threads: int, bar: tqdm,
 ) -> dict[tuple[str, int], dict[str, Any]]:  # fmt: skip
     """Train the jobs in ``workers`` spawned processes; progress arrives through a queue."""
@@ -84,7 +79,7 @@ def _run_pool(
 
 
 def _train(
-    jobs: list[tuple[str, int]], total: int, data: SliceData, cfg: TrainConfig, out: Path,
+    jobs: list[tuple[str, int]], total: int, data: Any, cfg: TrainConfig, out: Path,
     workers: int, threads: int, rank: int,
 ) -> dict[tuple[str, int], dict[str, Any]]:  # fmt: skip
     """Train (or resume, or skip) every job: in this process or in a pool of workers."""
@@ -107,10 +102,10 @@ def _train(
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    budget = BUDGETS["full" if args.full else "demo"]
-    iterations = args.iterations if args.iterations is not None else budget["iterations"]
-    seeds = list(range(args.seeds if args.seeds is not None else budget["seeds"]))
-    out: Path = args.out or Path(budget["out"])
+    own = budget(args)
+    iterations = args.iterations if args.iterations is not None else own["iterations"]
+    seeds = list(range(args.seeds if args.seeds is not None else own["seeds"]))
+    out: Path = args.out or Path(own["out"])
     rank, world = _init_distributed()
     torch.set_num_threads(args.threads)
     workers = 1 if world > 1 else args.workers
@@ -177,9 +172,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if world > 1:
         dist.barrier()
 
+    budget_name = next(name for name, b in BUDGETS.items() if b is own)
     say(f"Data: {data.summary()}")
     say(f"Budget: {len(args.methods)} methods x {len(seeds)} seeds x {iterations} iterations "
-        f"({'full' if args.full else 'demonstration'} budget), {torch.get_num_threads()} "
+        f"({budget_name} budget), {torch.get_num_threads()} "
         f"thread(s) x {max(world, workers)} process(es); output {out}/")  # fmt: skip
     start = time.perf_counter()
     # seed by seed (complete seeds first, so --report-only has whole seeds to show), the
@@ -206,13 +202,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = {m: [done[(m, s)] for s in seeds] for m in args.methods} if rank == 0 else {}
     if rank == 0:
         unit = data.unit
-        where = ("in mm (the voxel size, scaled with the in-plane resize)" if unit == "mm" else
-                 "in voxels of the resized slices (voxel size unknown; --spacing gives it)")
+        where = ("in mm (the voxel size, scaled with any in-plane resize)" if unit == "mm" else
+                 "in voxels (voxel size unknown; --spacing gives it for HDF5 files)")
         header = (f"Per-volume test metrics: Dice, Jaccard, 95% Hausdorff distance (HD95) and "
                   f"average surface distance (ASD), mean ± sample std over seeds {seeds}; "
-                  f"{iterations} iterations per run for every method. Each test volume (the "
-                  "MNI test slab, a case of a NIfTI or HDF5 folder, a test slab of a single "
-                  "case) is stacked back from its slices and scored whole, per class, with "
+                  f"{iterations} iterations per run for every method. Each test volume "
+                  f"({data.inference}) is scored whole, per class, with "
                   "MedPy's definitions (as SSL4MIS and UA-MT), then averaged over volumes: "
                   "HD95 is the 95th percentile of the surface distances in both directions "
                   "pooled, ASD the mean distance from the prediction's surface to the label's; "
@@ -224,9 +219,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"worker ({args.threads} thread), which the machine's load inflates. "
                   f"Trained on {cfg.device}, mixed precision (--amp) {cfg.amp}."
                   f"\n\nData: {data.summary()}.")  # fmt: skip
-        if not args.full:
+        if budget_name == "demo":
             header = ("**Demonstration budget** (reduced iterations): shows the pipeline, not "
                       "converged results; run with `--full` for those.\n\n" + header)  # fmt: skip
+        elif iterations < own["iterations"]:
+            header = (f"**Reduced budget** ({iterations} of the {budget_name} protocol's "
+                      f"{own['iterations']} iterations): shows the pipeline, not results "
+                      "to compare with the papers.\n\n" + header)  # fmt: skip
         md, js = write_report(out, results, data.class_names, header, config, unit)
         paths = figures(out, results, dirs)
         print(f"\n{md.read_text()}")

@@ -19,13 +19,59 @@ from . import ALL_METHODS, METHODS
 from .data import (
     DataError,
     SlabSplit,
-    SliceData,
     cases_data,
     mni_data,
     read_h5_dir,
     read_nifti_dir,
 )
-from .train import AMPS, DEVICES, UNCERTAINTIES, TrainConfig, resolve_device
+from .protocol_data import acdc_data, la_data
+from .train import (
+    AMPS,
+    DEVICES,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    UNCERTAINTIES,
+    TrainConfig,
+    resolve_device,
+)
+
+#: The budgets of the MNI comparison (the demo shows the pipeline; the full budget is the one
+#: to quote) and of the two published protocols (``--ssl4mis-acdc``, ``--ssl4mis-la``): their
+#: iterations, seeds and output folder.
+BUDGETS: dict[str, dict[str, Any]] = {
+    "demo": {"iterations": 200, "seeds": 2, "out": "runs/demo"},
+    "full": {"iterations": 600, "seeds": 3, "out": "runs/full"},
+    "acdc": {"iterations": 30000, "seeds": 1, "out": "runs/acdc"},
+    "la": {"iterations": 6000, "seeds": 1, "out": "runs/la"},
+}
+
+#: What each protocol sets where the flags are left out: SSL4MIS's ACDC
+#: (``train_uncertainty_aware_mean_teacher_2D.py`` and ``train_acdc_unet_semi_seg.sh``) and
+#: UA-MT's LA (``train_LA_meanteacher_certainty_unlabel.py``). Their consistency ramps (200
+#: "epochs" of 150 iterations, 40 of 150) are their whole budgets: ``--rampup 1``.
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "acdc": {"labeled_cases": 7, "patch_size": (256, 256), "labeled_batch": 12,
+             "unlabeled_batch": 12, "lr": 0.01, "optimizer": "sgd", "momentum": 0.9,
+             "weight_decay": 1e-4, "lr_schedule": "poly", "base": 16, "levels": 5,
+             "ema_decay": 0.99, "consistency": 0.1, "rampup": 1.0, "eval_every": 200,
+             "checkpoint_every": 200},
+    "la": {"labeled_cases": 16, "patch_size": (112, 112, 80), "labeled_batch": 2,
+           "unlabeled_batch": 2, "lr": 0.01, "optimizer": "sgd", "momentum": 0.9,
+           "weight_decay": 1e-4, "lr_schedule": "step", "base": 16, "ema_decay": 0.99,
+           "consistency": 0.1, "rampup": 1.0, "eval_every": 200, "checkpoint_every": 200},
+}  # fmt: skip
+
+
+def protocol(args: argparse.Namespace) -> Optional[str]:
+    """"acdc" (``--ssl4mis-acdc``), "la" (``--ssl4mis-la``) or None (MNI, NIfTI, HDF5)."""
+    if getattr(args, "ssl4mis_acdc", None):
+        return "acdc"
+    return "la" if getattr(args, "ssl4mis_la", None) else None
+
+
+def budget(args: argparse.Namespace) -> dict[str, Any]:
+    """The iterations, seeds and output folder the flags leave to the data's budget."""
+    return BUDGETS[protocol(args) or ("full" if args.full else "demo")]
 
 #: The value rules of the flags, checked by ``check_args`` (flag name -> (valid?, a valid
 #: value)). ``None`` (a flag left at a default of "none" / "the budget's") is always valid.
@@ -41,10 +87,15 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "gap": (lambda v: v >= 0, ">= 0"),
     "ignore_label": (lambda v: v >= 0, ">= 0"),
     "spacing": (lambda v: all(math.isfinite(s) and s > 0 for s in v), "three finite numbers > 0"),
+    "labeled_cases": (lambda v: v >= 1, ">= 1"),
+    "patch_size": (lambda v: all(s >= 1 for s in v), "numbers >= 1"),
+    "batch": (lambda v: v >= 2, ">= 2 (labeled + unlabeled images)"),
     # training (TrainConfig)
     "labeled_batch": (lambda v: v >= 1, ">= 1"),
     "unlabeled_batch": (lambda v: v >= 1, ">= 1"),
     "lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "base": (lambda v: v >= 1, ">= 1"),
     "levels": (lambda v: v >= 1, ">= 1"),
     "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -60,7 +111,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "log_every": (lambda v: v >= 1, ">= 1"),
     "checkpoint_every": (lambda v: v >= 1, ">= 1"),
 }
-CHOICES = {"bual_uncertainty": UNCERTAINTIES, "amp": AMPS}
+CHOICES = {"bual_uncertainty": UNCERTAINTIES, "amp": AMPS, "optimizer": OPTIMIZERS,
+           "lr_schedule": LR_SCHEDULES}
 HELP = {"amp": "mixed precision: none (default, float32), bf16 (autocast to bfloat16; CPU or "
                "GPU) or fp16 (autocast to float16 with a GradScaler; CUDA only)"}
 
@@ -125,6 +177,27 @@ def build_parser() -> argparse.ArgumentParser:
                    "HDF5 files do not store; scaled with --size. Without it HD95 and ASD are "
                    "in voxels of the resized slices. NIfTI headers give their own; the MNI "
                    "template is 1 mm")  # fmt: skip
+    g.add_argument("--ssl4mis-acdc", type=Path, metavar="ROOT",
+                   help="SSL4MIS's ACDC layout and protocol: ROOT/train_slices.list, val.list, "
+                   "test.list, ROOT/data/slices/NAME.h5 (training slices) and ROOT/data/NAME.h5 "
+                   "(volumes); a 2D U-Net on --patch-size slices (default 256 256), batch 24 "
+                   "with 12 labeled, SGD, 30000 iterations, 1 seed (every training flag "
+                   "overrides its default)")  # fmt: skip
+    g.add_argument("--ssl4mis-la", type=Path, metavar="ROOT",
+                   help="UA-MT's LA layout and protocol: ROOT/train.list, ROOT/test.list, "
+                   "ROOT/2018LA_Seg_Training Set/NAME/mri_norm2.h5 (or ..._Training_Set); a "
+                   "V-Net on random --patch-size crops (default 112 112 80), batch 4 with 2 "
+                   "labeled, SGD, 6000 iterations, 1 seed, sliding-window test with strides "
+                   "18, 18, 4")  # fmt: skip
+    g.add_argument("--labeled-cases", type=int, metavar="N",
+                   help="--ssl4mis-acdc: the labeled slices are those of the first N patients "
+                   "of train_slices.list (SSL4MIS's table: 3 -> 68 slices, 7 -> 136, ...; "
+                   "default 7); --ssl4mis-la: the first N cases of train.list (default 16, "
+                   "UA-MT's 16 of 80)")  # fmt: skip
+    g.add_argument("--patch-size", type=int, nargs="+", metavar="P",
+                   help="--ssl4mis-acdc: H W of the training slices and of inference (default "
+                   "256 256); --ssl4mis-la: the X Y Z crop (default 112 112 80); multiples of "
+                   "16 (the networks halve them four times)")  # fmt: skip
     g.add_argument("--labeled", type=int, default=2, help="number of labeled slices")
     g.add_argument("--size", type=int, nargs=2, default=(96, 112), metavar=("H", "W"),
                    help="--nifti-dir / --h5-dir: every slice is resized to H x W pixels (the "
@@ -146,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-slab", type=int, nargs=2, default=(125, 150), metavar=("START", "STOP"),
                    help="MNI axial slabs [START, STOP); the test slab is one volume, scored "
                    "whole")  # fmt: skip
-    t = p.add_argument_group("training (defaults from SSL4MIS / UA-MT where they exist)")
+    t = p.add_argument_group("training (defaults from SSL4MIS / UA-MT where they exist; "
+                             "--ssl4mis-acdc and --ssl4mis-la set their protocols' own)")
     defaults = TrainConfig()
     for field in dataclasses.fields(TrainConfig):
         if field.name in ("iterations", "device"):  # --iterations: the budget's; --device above
@@ -154,11 +228,39 @@ def build_parser() -> argparse.ArgumentParser:
         value = getattr(defaults, field.name)
         kind = float if field.name.endswith("ratio") else type(value) if value is not None else str
         rule = RULES.get(field.name)
-        t.add_argument("--" + field.name.replace("_", "-"), type=kind, default=value,
+        own = [f"{name} {PROTOCOLS[name][field.name]}" for name in PROTOCOLS
+               if PROTOCOLS[name].get(field.name, value) != value]  # fmt: skip
+        note = f"; {', '.join(own)}" if own else ""
+        # None: left to the data's protocol (resolved by parse_args)
+        t.add_argument("--" + field.name.replace("_", "-"), type=kind, default=None,
                        choices=CHOICES.get(field.name),
-                       help=HELP.get(field.name) or f"{rule[1] if rule else ''} "
-                       f"(default {value})".lstrip())  # fmt: skip
+                       help=HELP.get(field.name, "") + f" {rule[1] if rule else ''} "
+                       f"(default {value}{note})".lstrip())  # fmt: skip
+        if field.name == "unlabeled_batch":
+            t.add_argument("--batch", type=int, help="images per step, labeled + unlabeled: "
+                           "the unlabeled batch is BATCH - --labeled-batch (SSL4MIS's "
+                           "batch_size; default 4; acdc 24, la 4)")  # fmt: skip
     return p
+
+
+def resolve_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill the training flags left out with the protocol's values (``PROTOCOLS``), else
+    ``TrainConfig``'s; ``--batch`` sets the unlabeled batch."""
+    if getattr(args, "batch", None) is not None and args.unlabeled_batch is not None:
+        parser.error("argument --batch: give --batch or --unlabeled-batch, not both")
+    own = PROTOCOLS.get(protocol(args) or "", {})
+    defaults = TrainConfig()
+    for field in dataclasses.fields(TrainConfig):
+        if getattr(args, field.name, None) is None and hasattr(args, field.name):
+            setattr(args, field.name, own.get(field.name, getattr(defaults, field.name)))
+    for name in ("labeled_cases", "patch_size"):
+        if getattr(args, name, None) is None and name in own:
+            setattr(args, name, own[name])
+    if getattr(args, "batch", None) is not None:
+        if args.batch <= args.labeled_batch:
+            parser.error(f"argument --batch: must exceed --labeled-batch ({args.labeled_batch}) "
+                         f"to leave unlabeled images in each step, got {args.batch}")  # fmt: skip
+        args.unlabeled_batch = args.batch - args.labeled_batch
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -168,20 +270,35 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         value = getattr(args, name, None)
         if value is not None and not valid(value):
             parser.error(f"argument --{name.replace('_', '-')}: must be {expected}, got {value}")
+    name = protocol(args)
     step = 2 ** (args.levels - 1)  # the U-Net halves the slice levels - 1 times
-    if any(side < step or side % step for side in args.size):
+    if name is None and any(side < step or side % step for side in args.size):
         parser.error(
             f"argument --size: both sides must be positive multiples of 2 ** (--levels - 1) = "
             f"{step} (--levels {args.levels}), got {args.size[0]} {args.size[1]}"
         )
-    if args.nifti_dir and args.h5_dir:
-        parser.error("argument --nifti-dir: give either --nifti-dir or --h5-dir, not both")
+    sources = [flag for flag in ("nifti_dir", "h5_dir", "ssl4mis_acdc", "ssl4mis_la")
+               if getattr(args, flag, None)]  # fmt: skip
+    if len(sources) > 1:
+        parser.error(f"argument --{sources[1].replace('_', '-')}: give one data source, got "
+                     + " and ".join("--" + f.replace("_", "-") for f in sources))  # fmt: skip
     if args.ignore_label is not None and not (args.nifti_dir or args.h5_dir):
         parser.error("argument --ignore-label: applies to --nifti-dir / --h5-dir labels only")
-    if getattr(args, "spacing", None) is not None and not args.h5_dir:
-        parser.error("argument --spacing: applies to --h5-dir only (NIfTI headers give the "
-                     "voxel size; the MNI template is 1 mm)")  # fmt: skip
-    if not (args.nifti_dir or args.h5_dir):
+    if getattr(args, "spacing", None) is not None and not (args.h5_dir or name):
+        parser.error("argument --spacing: applies to HDF5 data only (--h5-dir, --ssl4mis-acdc, "
+                     "--ssl4mis-la); NIfTI headers give the voxel size; the MNI template is "
+                     "1 mm")  # fmt: skip
+    for flag in ("labeled_cases", "patch_size"):
+        if getattr(args, flag, None) is not None and name is None:
+            parser.error(f"argument --{flag.replace('_', '-')}: applies to --ssl4mis-acdc / "
+                         "--ssl4mis-la only")  # fmt: skip
+    if name is not None:
+        dims = len(PROTOCOLS[name]["patch_size"])
+        multiple = 2 ** (args.levels - 1) if name == "acdc" else 16
+        if len(args.patch_size) != dims or any(s % multiple for s in args.patch_size):
+            parser.error(f"argument --patch-size: {'--ssl4mis-' + name} needs {dims} numbers, "
+                         f"multiples of {multiple}, got {' '.join(map(str, args.patch_size))}")
+    if not (args.nifti_dir or args.h5_dir or name):
         try:
             slabs(args).check()
         except DataError as err:
@@ -198,9 +315,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    """The trainer's flags, parsed and checked (``check_args``)."""
+    """The trainer's flags, parsed, completed with the protocol's defaults
+    (``resolve_defaults``) and checked (``check_args``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    resolve_defaults(parser, args)
     check_args(parser, args)
     return args
 
@@ -211,7 +330,14 @@ def slabs(args: argparse.Namespace) -> SlabSplit:
                      args.gap)  # fmt: skip
 
 
-def load_data(args: argparse.Namespace) -> SliceData:
+def load_data(args: argparse.Namespace) -> Any:
+    """The data the flags describe: ``SliceData`` (MNI, ``--nifti-dir``, ``--h5-dir``),
+    ``protocol_data.ACDCData`` or ``protocol_data.LAData``."""
+    spacing = tuple(args.spacing) if getattr(args, "spacing", None) else None
+    if protocol(args) == "acdc":
+        return acdc_data(args.ssl4mis_acdc, args.labeled_cases, tuple(args.patch_size), spacing)
+    if protocol(args) == "la":
+        return la_data(args.ssl4mis_la, args.labeled_cases, tuple(args.patch_size), spacing)
     size = tuple(args.size)
     if args.nifti_dir:
         cases = read_nifti_dir(args.nifti_dir)
@@ -220,7 +346,6 @@ def load_data(args: argparse.Namespace) -> SliceData:
                           description=f"NIfTI folder {args.nifti_dir}")  # fmt: skip
     if args.h5_dir:
         cases = read_h5_dir(args.h5_dir)
-        spacing = tuple(args.spacing) if args.spacing else None
         return cases_data(cases, labeled=args.labeled, size=size, gap=args.gap,
                           spacing=spacing, ignore_label=args.ignore_label,
                           description=f"HDF5 folder {args.h5_dir}")  # fmt: skip

@@ -10,6 +10,7 @@ resizing, so that the metrics score whole volumes in mm.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import math
 import re
@@ -70,14 +71,31 @@ class TestVolume:
     spacing: Optional[Spacing]
 
 
-def spacing_text(spacings: list[Optional[Spacing]]) -> str:
-    """The voxel size(s) of the test volumes for the data summary."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class Volume:
+    """One volume to predict and score whole: the image as the network's inference reads it
+    (``(D, H, W)`` slices for a 2D network, the array as stored for a 3D one), its class-id
+    label of the same shape and its voxel size in mm along those axes (None: unknown).
+    Compared by identity (``eq=False``): arrays have no single truth value."""
+
+    name: str
+    image: np.ndarray
+    label: np.ndarray
+    spacing: Optional[Spacing]
+
+
+#: ``draw``'s pools: the labeled training images, the unlabeled ones (hidden labels) or all.
+POOLS = ("labeled", "unlabeled", "all")
+
+
+def spacing_text(spacings: list[Optional[Spacing]], axes: str = "slice x row x column") -> str:
+    """The voxel size(s) of the test volumes for the data summary, along ``axes``."""
     if any(s is None for s in spacings):
         return "voxel size unknown (HD95 and ASD in voxels)"
     known = np.asarray(spacings, dtype=float)
     lo, hi = known.min(0), known.max(0)
-    axes = [f"{a:.3g}" if a == b else f"{a:.3g}..{b:.3g}" for a, b in zip(lo, hi)]
-    return f"voxels {' x '.join(axes)} mm (slice x row x column)"
+    sizes = [f"{a:.3g}" if a == b else f"{a:.3g}..{b:.3g}" for a, b in zip(lo, hi)]
+    return f"voxels {' x '.join(sizes)} mm ({axes})"
 
 
 @dataclasses.dataclass
@@ -125,6 +143,12 @@ class SliceData:
         if len(known) > 1:
             raise ValueError("`test_volumes` mix known and unknown voxel sizes; give all or none.")
 
+    #: the network this data trains (``train.build_model``)
+    network = "unet2d"
+    #: how ``volumes`` are predicted, for the results header
+    inference = ("the MNI test slab, a case of a NIfTI or HDF5 folder, a test slab of a single "
+                 "case: stacked back from its slices")
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
@@ -133,6 +157,48 @@ class SliceData:
     def unit(self) -> str:
         """The unit of the distances (HD95, ASD): "mm", or "voxels" when the size is unknown."""
         return "voxels" if self.test_volumes[0].spacing is None else "mm"
+
+    # ------------------------------------------------ what the trainer asks of every data set
+
+    @functools.cached_property
+    def _all(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.cat([self.labeled_x, self.unlabeled_x]),
+                torch.cat([self.labeled_y, self.unlabeled_y]))  # fmt: skip
+
+    def draw(
+        self, pool: str, k: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``k`` augmented training images ``(k, 1, H, W)`` and labels from ``pool`` (one of
+        ``POOLS``), drawn with replacement from ``generator``."""
+        x, y = {"labeled": (self.labeled_x, self.labeled_y),
+                "unlabeled": (self.unlabeled_x, self.unlabeled_y),
+                "all": self._all}[pool]  # fmt: skip
+        idx = torch.randint(0, len(x), (k,), generator=generator)
+        xb, yb = augment(x[idx], y[idx], generator)
+        assert yb is not None
+        return xb, yb
+
+    def volumes(self, split: str) -> list[Volume]:
+        """The ``"val"`` or ``"test"`` volumes, each scored whole: the validation slices form
+        one volume; the test slices the ``test_volumes``."""
+        if split == "val":
+            return [Volume("validation", self.val_x[:, 0].numpy(), self.val_y.numpy(),
+                           self.spacing)]  # fmt: skip
+        x, y = self.test_x[:, 0].numpy(), self.test_y.numpy()
+        return [Volume(v.name, x[v.start : v.stop], y[v.start : v.stop], v.spacing)
+                for v in self.test_volumes]  # fmt: skip
+
+    def predict_volume(self, model: torch.nn.Module, image: np.ndarray, amp: str) -> np.ndarray:
+        """The class ids ``(D, H, W)`` the model predicts for a volume of ``volumes``."""
+        from .inference import predict_slices
+
+        return predict_slices(model, image, amp=amp)
+
+    def example(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The figures' test image ``(1, 1, H, W)`` and its label ``(H, W)``: a slice with
+        foreground (``example_slice``)."""
+        k = example_slice(self.test_y, self.num_classes)
+        return self.test_x[k : k + 1], self.test_y[k]
 
     def summary(self) -> str:
         size = tuple(self.labeled_x.shape[-2:])
@@ -791,6 +857,17 @@ def example_slice(labels: torch.Tensor, num_classes: int) -> int:
     counts = _presence(labels, num_classes)[:, 1:].sum(1)
     candidates = np.flatnonzero(counts == counts.max())
     return int(candidates[np.argmin(np.abs(candidates - len(labels) // 2))])
+
+
+def example_view(
+    label: torch.Tensor, num_classes: int, *arrays: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """``label`` and ``arrays`` (same trailing shape) as a figure shows them: a 2D slice as it
+    is, a 3D crop at its slice along the last axis that ``example_slice`` picks."""
+    if label.ndim == 2:
+        return (label, *arrays)
+    k = example_slice(label.permute(2, 0, 1), num_classes)
+    return tuple(a[..., k] for a in (label, *arrays))
 
 
 # --------------------------------------------------------------------------------------------

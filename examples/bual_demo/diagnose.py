@@ -42,11 +42,10 @@ from bual_losses import ErrorDetectionAccumulator, entropy_map, mc_dropout_uncer
 from bual_losses.pseudo import pseudo_labels
 
 from .cli import load_data, parse_args
-from .data import DataError, SliceData, example_slice
-from .model import UNet2D
+from .data import DataError, example_slice, example_view
 from .report import LABELS
 from .runfolder import RunFolderError, load_checkpoint, read_config, run_folder
-from .train import TrainConfig
+from .train import TrainConfig, build_model
 
 ESTIMATORS = ("entropy", "mc_dropout")
 ESTIMATOR_LABELS = {"entropy": "teacher entropy", "mc_dropout": "MC-dropout entropy"}
@@ -71,12 +70,12 @@ SCALARS = (
 )
 
 
-def load_teacher(folder: Path, method: str, data: SliceData, cfg: TrainConfig) -> nn.Module:
+def load_teacher(folder: Path, method: str, data: Any, cfg: TrainConfig) -> nn.Module:
     """The final teacher of one run: the EMA weights where the run has them, else the model."""
     state = load_checkpoint(folder / "checkpoint.pt", map_location="cpu")
     if state["step"] != cfg.iterations:
         raise RuntimeError(f"{folder}: checkpoint at step {state['step']}, not {cfg.iterations}.")
-    model = UNet2D(1, data.num_classes, cfg.base, cfg.levels)
+    model = build_model(data.network, data.num_classes, cfg)
     weights = state["teacher"] if state.get("teacher") is not None else state["student"]
     model.load_state_dict(weights)
     return model.eval()
@@ -89,7 +88,7 @@ def _accumulator(ignore_index: Optional[int]) -> ErrorDetectionAccumulator:
 
 @torch.no_grad()
 def teacher_reports(
-    teacher: nn.Module, data: SliceData, *, passes: int, seed: int, batch: int = 8
+    teacher: nn.Module, data: Any, *, passes: int, seed: int, batch: int = 8
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Reports of both maps over the unlabeled slab, plus the maps themselves for the figures."""
     torch.manual_seed(seed)  # the dropout masks of the MC passes
@@ -97,7 +96,7 @@ def teacher_reports(
     logits_all, maps = [], {name: [] for name in ESTIMATORS}
     x, y = data.unlabeled_x, data.unlabeled_y
     for i in range(0, len(x), batch):
-        xb, yb = x[i : i + batch], y[i : i + batch]
+        xb, yb = x[i : i + batch], y[i : i + batch].long()
         logits = teacher.eval()(xb)
         u = {
             "entropy": entropy_map(logits, from_logits=True, normalize=True),
@@ -179,7 +178,7 @@ def markdown(summary: dict[str, Any], seeds: list[int], header: str) -> str:
 
 
 def figures(
-    out: Path, report: Any, arrays: dict[str, torch.Tensor], data: SliceData, dpi: int = 100
+    out: Path, report: Any, arrays: dict[str, torch.Tensor], data: Any, dpi: int = 100
 ) -> list[Path]:
     """The three figures of one run (normally BUAL's first seed, teacher entropy)."""
     from bual_losses.plotting import (
@@ -201,10 +200,13 @@ def figures(
     # an unlabeled slice with foreground (example_slice), the high region at the top-RATIO
     # threshold
     k = example_slice(data.unlabeled_y, data.num_classes)
-    pred = pseudo_labels(arrays["logits"][k], dim=0)
+    label, image, pred, u = example_view(
+        data.unlabeled_y[k].long(), data.num_classes, data.unlabeled_x[k, 0],
+        pseudo_labels(arrays["logits"][k], dim=0), arrays["entropy"][k],
+    )  # fmt: skip
     tau = _at(report, "ratio_thresholds", "ratios", RATIO)
     fig = plot_error_overlay(
-        data.unlabeled_x[k, 0], data.unlabeled_y[k], pred, arrays["entropy"][k],
+        image, label, pred, u,
         threshold=round(tau, 3), ignore_index=data.ignore_index, num_classes=data.num_classes,
         figsize=(15.0, 3.6),
     )  # fmt: skip
@@ -214,7 +216,7 @@ def figures(
 
 
 def diagnose(
-    run_dir: Path, data: SliceData, *, passes: int = 8, figure_method: str = "bual",
+    run_dir: Path, data: Any, *, passes: int = 8, figure_method: str = "bual",
     log: Any = print,
 ) -> dict[str, Any]:  # fmt: skip
     """Diagnostics of every finished run under ``run_dir``; writes the table, JSON, figures."""
@@ -256,7 +258,7 @@ def diagnose(
     header = (
         f"Pseudo-label diagnostics of each method's final teacher (EMA model for mean teacher, "
         f"UA-MT and BUAL; the model itself otherwise) after {cfg.iterations} iterations, on the "
-        f"{len(data.unlabeled_x)} unlabeled slices (labels hidden from training, used here "
+        f"{len(data.unlabeled_x)} unlabeled images (labels hidden from training, used here "
         f"only for evaluation). Pseudo-label = teacher argmax; uncertainty = normalised entropy "
         f"of the teacher's softmax, or MC-dropout predictive entropy ({passes} passes, "
         f"normalised). Mean ± sample std over seeds {seeds}. AUROC / AP: the uncertainty as a "

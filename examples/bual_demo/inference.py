@@ -22,7 +22,7 @@ import torch
 from scipy.ndimage import zoom
 from torch import nn
 
-__all__ = ["autocast", "predict_slices", "predict_sliding_window"]
+__all__ = ["autocast", "predict_slices", "predict_sliding_window", "zoom_nearest"]
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -73,8 +73,7 @@ def predict_slices(
     depth, height, width = image.shape
     slices = image.astype(np.float32)
     if side is not None:
-        factors = (side[0] / height, side[1] / width)
-        slices = np.stack([_fit(zoom(s, factors, order=0), side) for s in slices])
+        slices = np.stack([zoom_nearest(s, side) for s in slices])
     labels = np.empty(slices.shape, dtype=np.int64)
     with _inference(model) as device, autocast(device, amp):
         for i in range(0, depth, batch):
@@ -88,8 +87,7 @@ def predict_slices(
             labels[i : i + batch] = logits.float().argmax(dim=1).cpu().numpy()
     if side is None:
         return labels
-    back = (height / side[0], width / side[1])
-    return np.stack([_fit(zoom(s, back, order=0), (height, width)) for s in labels])
+    return np.stack([zoom_nearest(s, (height, width)) for s in labels])
 
 
 def predict_sliding_window(
@@ -203,6 +201,12 @@ def _positive_ints(name: str, value: Any, n: int) -> tuple[int, ...]:
 def _check_amp(amp: str) -> None:
     if amp != "none" and amp not in _AMP_DTYPES:
         raise ValueError(f'`amp` must be "none", "bf16" or "fp16", got {amp!r}.')
+
+
+def zoom_nearest(a: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """``a`` zoomed to ``shape`` as SSL4MIS zooms its slices: ``scipy.ndimage.zoom(a,
+    (shape[0] / a.shape[0], ...), order=0)`` (nearest), then fitted to ``shape`` exactly."""
+    return _fit(zoom(a, [t / n for t, n in zip(shape, a.shape)], order=0), shape)
 
 
 def _fit(a: np.ndarray, shape: Sequence[int]) -> np.ndarray:

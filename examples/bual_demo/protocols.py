@@ -29,7 +29,15 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .data import DataError, Spacing, _check_labels, _check_pair, _check_spacing, _unreadable
+from .data import (
+    DataError,
+    Spacing,
+    Volume,
+    _check_labels,
+    _check_pair,
+    _check_spacing,
+    _unreadable,
+)
 
 ACDC_CLASSES = ("background", "right ventricle", "myocardium", "left ventricle")
 LA_CLASSES = ("background", "left atrium")
@@ -46,20 +54,6 @@ LA_FILE = "mri_norm2.h5"
 #: ``patient099_frame01_slice_15`` -> ``patient099``; a name without ``_frame`` is its own
 #: patient (less any ``_slice_N``).
 _PATIENT = re.compile(r"^(?P<patient>.+?)(_frame\d+)?(_slice_?\d+)?$")
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Volume:
-    """One 3D case as stored: ``image`` float32, ``label`` int64 class ids, same shape.
-
-    ``spacing`` is the voxel size in mm along the array axes, or None when unknown (HDF5 stores
-    none). Compared by identity (``eq=False``): arrays have no single truth value.
-    """
-
-    name: str
-    image: np.ndarray
-    label: np.ndarray
-    spacing: Optional[Spacing]
 
 
 @dataclasses.dataclass

@@ -171,7 +171,9 @@ def comparison(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
                 a = _class_means([p[0] for p in pairs], metric) if pairs else np.array([])
                 b = _class_means([p[1] for p in pairs], metric) if pairs else np.array([])
                 entry[f"{metric} vs {base}"] = paired(a - b)
-        entry["validation dice"] = float(np.mean([r["history"]["val"][-1]["dice"] for r in runs]))
+        last = [r["history"]["val"][-1]["dice"] for r in runs if r["history"]["val"]]
+        # none when the data has no validation set (UA-MT's LA): n/a in the table
+        entry["validation dice"] = float(np.mean(last)) if last else None
         for key in ("high_fraction", "low_fraction", "pl_error", "pl_error_trusted"):
             entry[key] = _last_third(runs, key)
         out[method] = entry
@@ -202,7 +204,8 @@ def comparison_table(comp: dict[str, Any], unit: str = "mm") -> str:
         for key, fmt in (("dice vs supervised", "{:+.3f}"), ("hd95 vs supervised", "{:+.2f}"),
                          ("dice vs uamt", "{:+.3f}"), ("hd95 vs uamt", "{:+.2f}")):  # fmt: skip
             cells.append(_paired_cell(e.get(key), fmt))
-        cells.append(f"{e['validation dice']:.3f}")
+        val = e["validation dice"]
+        cells.append("n/a" if val is None else f"{val:.3f}")
         cells.append(f"{pct(e['high_fraction'])} / {pct(e['low_fraction'])}")
         cells.append(f"{pct(e['pl_error'])} / {pct(e['pl_error_trusted'])}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -267,7 +270,7 @@ def figures(out: Path, results: dict[str, list[dict[str, Any]]], run_dirs: dict)
                 axes[1].plot([e["step"] for e in log], [e["cons"] for e in log], **kw)
             axes[2].plot([e["step"] for e in val], [e["dice"] for e in val], **kw)
     for ax, title in zip(axes, ["labeled loss (CE + Dice)", "unlabeled / consistency loss",
-                                "validation Dice (mean GM/WM)"]):  # fmt: skip
+                                "validation Dice (class mean)"]):  # fmt: skip
         ax.set_title(title)
         ax.set_xlabel("iteration")
         ax.legend(fontsize=8)

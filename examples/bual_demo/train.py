@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -25,12 +24,11 @@ from bual_losses import (
 )
 from bual_losses.pseudo import pseudo_labels
 
-from .data import SliceData, augment, example_slice
+from .data import Volume, example_view
+from .inference import autocast
 from .methods import BUAL, LOSSES, SEMI, bual_options
-from .methods._base import annotated as _annotated
-from .methods._base import sample as _sample
 from .metrics import evaluate
-from .model import UNet2D, ema_update, make_teacher
+from .model import SSL4MIS_DROPOUT, UNet2D, VNet, ema_update, make_teacher
 from .runfolder import DamagedCheckpoint, load_checkpoint, read_result, warn, write_atomic
 
 #: ``bual_uncertainty``: the library's entropy of the teacher, or UA-MT's MC-dropout estimate.
@@ -39,7 +37,12 @@ UNCERTAINTIES = ("entropy", "mc")
 DEVICES = ("auto", "cpu", "cuda")
 #: ``--amp``: mixed precision by autocast (fp16 also scales the loss: ``torch.amp.GradScaler``).
 AMPS = ("none", "bf16", "fp16")
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: ``--optimizer``: Adam (the MNI comparison) or SGD with momentum (SSL4MIS and UA-MT).
+OPTIMIZERS = ("adam", "sgd")
+#: ``--lr-schedule``: SSL4MIS's poly decay ``(1 - t / T) ** 0.9`` or UA-MT's step decay (x0.1
+#: every ``LR_STEP`` iterations).
+LR_SCHEDULES = ("poly", "step")
+LR_STEP = 2500
 
 
 def resolve_device(device: str) -> str:
@@ -57,6 +60,10 @@ class TrainConfig:
     labeled_batch: int = 2
     unlabeled_batch: int = 2
     lr: float = 1e-3
+    optimizer: str = "adam"  # "adam" or "sgd" (SSL4MIS / UA-MT: SGD, momentum 0.9, wd 1e-4)
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 0.0
+    lr_schedule: str = "poly"  # "poly" (SSL4MIS) or "step" (UA-MT: x0.1 every 2500 iterations)
     base: int = 16
     levels: int = 3
     ema_decay: float = 0.99
@@ -88,11 +95,23 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def autocast(device: Any, amp: str) -> contextlib.AbstractContextManager[Any]:
-    """``torch.autocast`` for ``amp`` ("bf16" / "fp16") on ``device``; a no-op for "none"."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=_AMP_DTYPES[amp])
+def build_model(network: str, num_classes: int, cfg: TrainConfig) -> nn.Module:
+    """The data's network (``data.network``), built on the CPU: "unet2d" (the MNI comparison's
+    U-Net), "ssl4mis-unet" (the same with SSL4MIS's dropout rates, ACDC) or "vnet" (UA-MT's
+    V-Net, LA)."""
+    if network == "vnet":
+        return VNet(1, num_classes, cfg.base)
+    dropout = None
+    if network == "ssl4mis-unet" and cfg.levels <= len(SSL4MIS_DROPOUT):
+        dropout = SSL4MIS_DROPOUT[: cfg.levels]
+    return UNet2D(1, num_classes, cfg.base, cfg.levels, dropout=dropout)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)  # fmt: skip
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 @torch.no_grad()
@@ -109,36 +128,45 @@ def predict(model: nn.Module, x: torch.Tensor, batch: int = 16, amp: str = "none
     return out
 
 
-def _mean_dice(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, data: SliceData, amp: str = "none"
-) -> float:
-    pred = pseudo_labels(predict(model, x, amp=amp))
-    annotated = _annotated(y, data.ignore_index)
+def _volume_dice(pred: np.ndarray, v: Volume, num_classes: int, ignore: Optional[int]) -> float:
+    """The class-mean Dice of one volume; a class absent from its label is n/a, as in the test
+    metrics (NaN when no class is present)."""
+    annotated = np.ones(v.label.shape, bool) if ignore is None else v.label != ignore
     scores = []
-    for c in range(1, data.num_classes):
-        p, t = (pred == c) & annotated, y == c
-        if t.any():  # a class absent from the validation labels is n/a, as in the test metrics
-            scores.append((2 * (p & t).sum() / (p.sum() + t.sum())).item())
+    for c in range(1, num_classes):
+        p, t = (pred == c) & annotated, v.label == c
+        if t.any():
+            scores.append(2 * (p & t).sum() / (p.sum() + t.sum()))
     return float(np.mean(scores)) if scores else math.nan
+
+
+def validate(model: nn.Module, data: Any, amp: str = "none") -> Optional[float]:
+    """The mean over the validation volumes of each one's class-mean Dice (None: the data has
+    no validation set, as UA-MT's LA). Each volume is predicted as the test volumes are."""
+    volumes = data.volumes("val")
+    if not volumes:
+        return None
+    scores = [_volume_dice(data.predict_volume(model, v.image, amp), v, data.num_classes,
+                           data.ignore_index) for v in volumes]  # fmt: skip
+    present = [d for d in scores if not math.isnan(d)]
+    return float(np.mean(present)) if present else math.nan
 
 
 class Run:
     """A resumable training run of one method with one seed."""
 
-    def __init__(
-        self, method: str, seed: int, data: SliceData, cfg: TrainConfig, folder: Path
-    ) -> None:
+    def __init__(self, method: str, seed: int, data: Any, cfg: TrainConfig, folder: Path) -> None:
         self.method, self.seed, self.data, self.cfg, self.folder = method, seed, data, cfg, folder
         self.rank, self.world = _world()
         self.device = torch.device(cfg.device)
         torch.manual_seed(seed)  # identical initial weights for every method of a seed
         # built on the CPU (the same initial weights on every device), then moved
-        self.student = UNet2D(1, data.num_classes, cfg.base, cfg.levels).to(self.device)
+        self.student = build_model(data.network, data.num_classes, cfg).to(self.device)
         self.teacher = make_teacher(self.student) if method in SEMI else None
         self.model: nn.Module = self.student
         if self.world > 1:
             self.model = nn.parallel.DistributedDataParallel(self.student)
-        self.opt = torch.optim.Adam(self.student.parameters(), lr=cfg.lr)
+        self.opt = build_optimizer(self.student, cfg)
         # fp16 needs loss scaling against underflowing gradients; bf16 and none do not
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.generator = torch.Generator().manual_seed(seed * 1000 + self.rank)
@@ -149,11 +177,8 @@ class Run:
         ramp = cfg.rampup * cfg.iterations
         self.lam = rampup_schedule(cfg.consistency, ramp)
         self.threshold = uamt_threshold_schedule(cfg.iterations, base="normalized")
-        if method == "full":
-            self.train_x = torch.cat([data.labeled_x, data.unlabeled_x])
-            self.train_y = torch.cat([data.labeled_y, data.unlabeled_y])
-        else:
-            self.train_x, self.train_y = data.labeled_x, data.labeled_y
+        # the pool of the step's first batch: the upper bound trains on every training image
+        self.pool = "all" if method == "full" else "labeled"
 
     # ---------------------------------------------------------------------------- checkpoints
 
@@ -209,15 +234,16 @@ class Run:
     # ---------------------------------------------------------------------------- one step
 
     def _lr(self) -> float:
-        # SSL4MIS's poly decay
-        return self.cfg.lr * (1.0 - self.step / self.cfg.iterations) ** 0.9
+        cfg = self.cfg
+        if cfg.lr_schedule == "step":  # UA-MT's LA
+            return cfg.lr * 0.1 ** (self.step // LR_STEP)
+        return cfg.lr * (1.0 - self.step / cfg.iterations) ** 0.9  # SSL4MIS's poly decay
 
     def train_step(self) -> dict[str, float]:
         cfg, g, t = self.cfg, self.generator, self.step
         for group in self.opt.param_groups:
             group["lr"] = self._lr()
-        idx = _sample(len(self.train_x), cfg.labeled_batch, g)
-        xl, yl = augment(self.train_x[idx], self.train_y[idx], g)
+        xl, yl = self.data.draw(self.pool, cfg.labeled_batch, g)
         log: dict[str, float] = {}
         self.model.train()
         with autocast(self.device, cfg.amp):
@@ -259,9 +285,9 @@ class Run:
             if self.step % cfg.log_every == 0 or self.step == 1:
                 self.history["log"].append({"step": self.step, **log})
             if self.rank == 0 and (self.step % cfg.eval_every == 0 or self.step == cfg.iterations):
-                data = self.data
-                d = _mean_dice(self.student, data.val_x, data.val_y, data, cfg.amp)
-                self.history["val"].append({"step": self.step, "dice": d})
+                d = validate(self.student, self.data, cfg.amp)
+                if d is not None:
+                    self.history["val"].append({"step": self.step, "dice": d})
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations:
                 self.save()
             if progress is not None:
@@ -269,32 +295,34 @@ class Run:
 
     # ---------------------------------------------------------------------------- test
 
-    def test(self) -> dict[str, Any]:
-        """Per-volume test metrics of the student (``metrics.evaluate``: every test volume
-        scored whole, per class) plus what the figures need (one example slice)."""
-        data = self.data
-        logits = predict(self.student, data.test_x, amp=self.cfg.amp)
-        pred = pseudo_labels(logits).numpy()
-        target = data.test_y.numpy()
-        metrics = evaluate([(v.name, pred[v.start : v.stop], target[v.start : v.stop], v.spacing)
-                            for v in data.test_volumes], data.num_classes,
-                           data.ignore_index)  # fmt: skip
-        k = example_slice(data.test_y, data.num_classes)
-        with autocast(self.device, self.cfg.amp):
-            est = mc_dropout_uncertainty(
-                self.student.eval(), data.test_x[k : k + 1].to(self.device),
-                passes=self.cfg.mc_passes, normalize=True,
-            )  # fmt: skip
+    def _save_example(self) -> None:
+        """``example.npz`` for the figures: the data's example image (a 2D slice, or a 3D crop
+        shown at its slice with the most foreground classes), the student's prediction, its
+        MC-dropout entropy and the high-region threshold the method's loss would draw there."""
+        x, y = self.data.example()
+        with torch.no_grad(), autocast(self.device, self.cfg.amp):
+            est = mc_dropout_uncertainty(self.student.eval(), x.to(self.device),
+                                         passes=self.cfg.mc_passes, normalize=True)  # fmt: skip
         u = est.predictive_entropy[0].float().cpu()
+        pred = pseudo_labels(predict(self.student, x, amp=self.cfg.amp))[0]
         # the high region as the method's loss draws it on labeled data at the end of training
-        # (BUAL's own threshold; UA-MT's for the other methods)
+        # (BUAL's own threshold; UA-MT's for the other methods), over the whole example image
         default = relative_threshold() if self.method in BUAL else self.threshold  # library's
         high = bual_options(self.method, self.cfg).get("high_threshold", default)
         thr = float(resolve_threshold(u[None], high, step=self.cfg.iterations).mean())
-        np.savez_compressed(
-            self.folder / "example.npz", image=data.test_x[k, 0].numpy(),
-            label=data.test_y[k].numpy(), pred=pred[k], uncertainty=u.numpy(), threshold=thr,
-        )  # fmt: skip
+        y, image, pred, u = example_view(y, self.data.num_classes, x[0, 0], pred, u)
+        np.savez_compressed(self.folder / "example.npz", image=image.numpy(), label=y.numpy(),
+                            pred=pred.numpy(), uncertainty=u.numpy(), threshold=thr)  # fmt: skip
+
+    def test(self) -> dict[str, Any]:
+        """Per-volume test metrics of the student (``metrics.evaluate``: every test volume
+        scored whole, per class) plus what the figures need (one example slice)."""
+        data, amp = self.data, self.cfg.amp
+        volumes = data.volumes("test")
+        metrics = evaluate([(v.name, data.predict_volume(self.student, v.image, amp), v.label,
+                             v.spacing) for v in volumes], data.num_classes,
+                           data.ignore_index)  # fmt: skip
+        self._save_example()
         return {
             "method": self.method,
             "seed": self.seed,
@@ -315,7 +343,7 @@ class Run:
 
 
 def run_one(
-    method: str, seed: int, data: SliceData, cfg: TrainConfig, folder: Path,
+    method: str, seed: int, data: Any, cfg: TrainConfig, folder: Path,
     progress: Optional[Callable[[int], None]] = None,
 ) -> Optional[dict[str, Any]]:  # fmt: skip
     """Train (or resume, or skip when finished) one run; rank 0 returns its result."""
@@ -356,7 +384,7 @@ def _report(n: int) -> None:
 
 
 def worker_job(
-    method: str, seed: int, data: SliceData, cfg: TrainConfig, folder: Path
+    method: str, seed: int, data: Any, cfg: TrainConfig, folder: Path
 ) -> Optional[dict[str, Any]]:
     """A run inside a pool worker (progress goes to the parent's bar)."""
     return run_one(method, seed, data, cfg, folder, _report)

@@ -1,4 +1,4 @@
-"""What the methods' step losses share: batch sampling, the teacher's noisy input, the
+"""What the methods' step losses share: the teacher's noisy input, the
 unlabeled half of a semi-supervised step, UA-MT's MC-dropout estimate and the pseudo-label
 diagnostics."""
 
@@ -12,14 +12,8 @@ import torch
 from bual_losses import mc_dropout_uncertainty
 from bual_losses.pseudo import pseudo_labels
 
-from ..data import augment
-
 if TYPE_CHECKING:
     from ..train import Run
-
-
-def sample(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randint(0, n, (k,), generator=generator)
 
 
 def teacher_input(x: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
@@ -51,9 +45,8 @@ def semi_batch(run: Run, xl: torch.Tensor, yl: torch.Tensor, log: dict[str, floa
     """Draw and augment the unlabeled batch (on the CPU, from the run's generator), run the
     student on both batches and the teacher on the noisy unlabeled one; logs ``lambda``."""
     assert run.teacher is not None
-    cfg, data, g, dev = run.cfg, run.data, run.generator, run.device
-    idx_u = sample(len(data.unlabeled_x), cfg.unlabeled_batch, g)
-    xu, yu = augment(data.unlabeled_x[idx_u], data.unlabeled_y[idx_u], g)
+    cfg, g, dev = run.cfg, run.generator, run.device
+    xu, yu = run.data.draw("unlabeled", cfg.unlabeled_batch, g)
     xu, yu = xu.to(dev), yu.to(dev)
     logits = run.model(torch.cat([xl, xu]))
     zl, zu = logits[: len(xl)], logits[len(xl) :]

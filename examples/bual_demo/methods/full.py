@@ -7,16 +7,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..data import augment
 from . import supervised
-from ._base import sample
 
 if TYPE_CHECKING:
     from ..train import Run
 
 
 def loss(run: Run, xl: torch.Tensor, yl: torch.Tensor, log: dict[str, float]) -> torch.Tensor:
-    idx2 = sample(len(run.train_x), run.cfg.unlabeled_batch, run.generator)
-    x2, y2 = augment(run.train_x[idx2], run.train_y[idx2], run.generator)
+    x2, y2 = run.data.draw("all", run.cfg.unlabeled_batch, run.generator)
     xl, yl = torch.cat([xl, x2.to(run.device)]), torch.cat([yl, y2.to(run.device)])
     return supervised.loss(run, xl, yl, log)
