@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from . import ABLATIONS
 
 # the flags and the data (shared with diagnose.py)
-from .cli import BUDGETS, budget, load_data, parse_args
+from .cli import BUDGETS, budget, load_data, parse_args, train_config
 from .data import DataError
 from .diagnose import diagnose
 from .report import figures, write_report
@@ -37,7 +37,7 @@ from .runfolder import (
     tagged,
     write_atomic,
 )
-from .train import TrainConfig, init_worker, resolve_device, run_one, worker_job
+from .train import TrainConfig, init_worker, run_one, worker_job
 
 #: Relative cost of one iteration (measured, 1 thread): longest jobs are scheduled first.
 COST = {"uamt": 0.33, "mean_teacher": 0.15, "bual": 0.15, "full": 0.12, "supervised": 0.075,
@@ -137,13 +137,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               "give the data flags of that run.", file=sys.stderr)  # fmt: skip
         return 2
     defaults = dataclasses.asdict(TrainConfig())
-    # --report-only reports where the folder was trained (before --device: the CPU)
-    device = stored["train"].get("device", "cpu") if stored else resolve_device(args.device)
-    # a folder written before a field existed reads that field's default (e.g. amp "none")
-    cfg = TrainConfig(iterations=iterations, device=device, **{
-        f.name: stored["train"].get(f.name, defaults[f.name]) if stored else getattr(args, f.name)
-        for f in dataclasses.fields(TrainConfig)
-        if f.name not in ("iterations", "device")})  # fmt: skip
+    cfg = train_config(args, iterations, stored)
     config: dict[str, Any] = {"train": dataclasses.asdict(cfg), "seeds": seeds,
                               "methods": args.methods, "data": data.summary(),
                               "world_size": world}  # fmt: skip

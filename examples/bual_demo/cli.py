@@ -280,7 +280,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     sources = [flag for flag in ("nifti_dir", "h5_dir", "ssl4mis_acdc", "ssl4mis_la")
                if getattr(args, flag, None)]  # fmt: skip
     if len(sources) > 1:
-        parser.error(f"argument --{sources[1].replace('_', '-')}: give one data source, got "
+        parser.error(f"argument --{sources[0].replace('_', '-')}: give one data source, got "
                      + " and ".join("--" + f.replace("_", "-") for f in sources))  # fmt: skip
     if args.ignore_label is not None and not (args.nifti_dir or args.h5_dir):
         parser.error("argument --ignore-label: applies to --nifti-dir / --h5-dir labels only")
@@ -322,6 +322,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     resolve_defaults(parser, args)
     check_args(parser, args)
     return args
+
+
+def train_config(
+    args: argparse.Namespace, iterations: int, stored: Optional[dict[str, Any]] = None
+) -> TrainConfig:
+    """The runs' ``TrainConfig``: the flags' values (the device resolved), or those of a run
+    folder's ``config.json`` (``stored``, for ``--report-only``: where the folder was trained,
+    the CPU before ``--device`` existed; a field the folder predates reads its default)."""
+    defaults = dataclasses.asdict(TrainConfig())
+    device = stored["train"].get("device", "cpu") if stored else resolve_device(args.device)
+    return TrainConfig(iterations=iterations, device=device, **{
+        f.name: stored["train"].get(f.name, defaults[f.name]) if stored else getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if f.name not in ("iterations", "device")})  # fmt: skip
 
 
 def slabs(args: argparse.Namespace) -> SlabSplit:
