@@ -21,3 +21,15 @@ python3 benchmarks/launches.py --device cuda --variants monai,reference,fused,bi
 # seconds on a GPU machine), and the device tool allows 10 minutes per command
 python3 benchmarks/bench_losses.py --device cuda --rounds 3 --repeats 10 \
   --out "$out/cuda-$(date +%F).md" 2>&1 | tail -n 80
+# 4. the example trainer's two protocols on the GPU (issue 14, item 7): seconds per iteration of
+#    every method at their own sizes (ACDC 24 x 256 x 256, LA 4 x 112 x 112 x 80) with bf16
+#    autocast, then a short real run of each on the fixture folders, fp16 with its GradScaler
+python3 benchmarks/trainer_steps.py --device cuda --amp bf16 --steps 10 --warmup 3 \
+  --out "$out/trainer-steps-cuda-$(date +%F).md" 2>&1 | tail -n 16
+python3 -m examples.bual_demo.fixtures acdc /tmp/gpu-acdc > /dev/null
+python3 -m examples.bual_demo.fixtures la /tmp/gpu-la > /dev/null
+python3 -m examples.bual_demo --ssl4mis-acdc /tmp/gpu-acdc --labeled-cases 2 --iterations 100 \
+  --device cuda --amp fp16 --workers 1 --no-diagnostics --out "$out/acdc-gpu" 2>&1 | tail -n 12
+python3 -m examples.bual_demo --ssl4mis-la /tmp/gpu-la --labeled-cases 2 --iterations 50 \
+  --patch-size 48 48 32 --device cuda --amp fp16 --workers 1 --no-diagnostics \
+  --out "$out/la-gpu" 2>&1 | tail -n 12

@@ -435,7 +435,7 @@ def test_mni_test_slab_is_one_volume_in_mm() -> None:
 def test_slice_data_refuses_a_spacing_of_two_numbers() -> None:
     import torch
 
-    from examples.bual_demo.data import SliceData, TestVolume
+    from examples.bual_demo.data import SliceData, SliceVolume
 
     x, y = torch.zeros(4, 1, 8, 8), torch.zeros(4, 8, 8, dtype=torch.long)
     with pytest.raises(ValueError, match=r"`spacing` must be None .* three numbers > 0.*\(1.0, "
@@ -443,11 +443,11 @@ def test_slice_data_refuses_a_spacing_of_two_numbers() -> None:
         SliceData(x, y, x, y, x, y, x, y, ("bg", "a"), (1.0, 1.0), "t")
     with pytest.raises(ValueError, match=r"cut the 4 test slices .* got \[\(0, 2\), \(3, 4\)\]"):
         SliceData(x, y, x, y, x, y, x, y, ("bg", "a"), None, "t",
-                  test_volumes=(TestVolume("a", 0, 2, None), TestVolume("b", 3, 4, None)))
+                  test_volumes=(SliceVolume("a", 0, 2, None), SliceVolume("b", 3, 4, None)))
     with pytest.raises(ValueError, match="mix known and unknown"):
         SliceData(x, y, x, y, x, y, x, y, ("bg", "a"), None, "t",
-                  test_volumes=(TestVolume("a", 0, 2, None),
-                                TestVolume("b", 2, 4, (1.0, 1.0, 1.0))))  # fmt: skip
+                  test_volumes=(SliceVolume("a", 0, 2, None),
+                                SliceVolume("b", 2, 4, (1.0, 1.0, 1.0))))  # fmt: skip
 
 
 def test_the_run_scores_each_test_volume_whole(tmp_path: Path) -> None:
@@ -472,6 +472,31 @@ def test_the_run_scores_each_test_volume_whole(tmp_path: Path) -> None:
         assert result["cases"][0][metric] == pytest.approx(first[metric])
         means = [np.mean([c[metric][k] for c in result["cases"]]) for k in range(2)]
         assert result[metric] == pytest.approx(means)
+
+
+def test_validation_dice_is_the_mean_over_validation_volumes() -> None:
+    """20 cases -> 2 validation cases, each a volume: the validation Dice is the mean of each
+    one's class-mean Dice, not the Dice of their slices pooled."""
+    import torch
+
+    from examples.bual_demo.data import cases_data
+    from examples.bual_demo.train import TrainConfig, build_model, predict, validate
+
+    cases = [(f"p{i}", *_volume(6, shift=i % 2), (5.0, 1.0, 1.25)) for i in range(20)]
+    data = cases_data(cases, labeled=2, size=(16, 16), description="t", gap=0)
+    assert [v.name for v in data.val_volumes] == ["p14", "p15"]
+    assert [v.name for v in data.volumes("val")] == ["p14", "p15"]
+    torch.manual_seed(0)
+    model = build_model(data.network, data.num_classes, TrainConfig(base=4, levels=2))
+    pred = predict(model, data.val_x).argmax(1).numpy()
+    target = data.val_y.numpy()
+    per_volume = []
+    for v in data.val_volumes:
+        p, t = pred[v.start : v.stop], target[v.start : v.stop]
+        dice = [2 * ((p == c) & (t == c)).sum() / ((p == c).sum() + (t == c).sum())
+                for c in (1, 2) if (t == c).any()]  # fmt: skip
+        per_volume.append(np.mean(dice))
+    assert validate(model, data) == pytest.approx(np.mean(per_volume))
 
 
 def _h5_folder(folder: Path) -> None:

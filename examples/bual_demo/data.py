@@ -3,8 +3,8 @@
 Everything becomes 2D slices ``(N, 1, H, W)`` float32 (intensity-normalised per volume) with
 integer labels ``(N, H, W)``, split into labeled, unlabeled, validation and test sets that never
 share a slice (and, where slices come from one volume, are separated by gaps of unused slices).
-The test slices remember the volume they came from (``TestVolume``), with its voxel size after
-resizing, so that the metrics score whole volumes in mm.
+The validation and test slices remember the volume they came from (``SliceVolume``), with its
+voxel size after resizing, so that the metrics score whole volumes in mm.
 """
 
 from __future__ import annotations
@@ -56,14 +56,13 @@ def _check_spacing(spacing: Any, name: str) -> Optional[Spacing]:
 
 
 @dataclasses.dataclass(frozen=True)
-class TestVolume:
-    """The test slices ``start:stop`` stacked back into the volume (or slab) they came from.
+class SliceVolume:
+    """The validation or test slices ``start:stop`` stacked back into the volume (or slab)
+    they came from.
 
     ``spacing`` is its voxel size (slice, row, column) in mm after the in-plane resize, or None
     when unknown (the metrics are then in voxels).
     """
-
-    __test__ = False  # a data class, not a test class, for pytest
 
     name: str
     start: int
@@ -98,14 +97,31 @@ def spacing_text(spacings: list[Optional[Spacing]], axes: str = "slice x row x c
     return f"voxels {' x '.join(sizes)} mm ({axes})"
 
 
+class TensorPools:
+    """The training pools of data held as tensors (``labeled_x``, ``labeled_y``,
+    ``unlabeled_x``, ``unlabeled_y`` of the class using it), by the names of ``POOLS``."""
+
+    @functools.cached_property
+    def _all(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([self.labeled_x, self.unlabeled_x])  # type: ignore[attr-defined]
+        y = torch.cat([self.labeled_y, self.unlabeled_y])  # type: ignore[attr-defined]
+        return x, y
+
+    def pool(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images and labels of the pool ``name`` (one of ``POOLS``)."""
+        if name == "all":
+            return self._all
+        return getattr(self, f"{name}_x"), getattr(self, f"{name}_y")
+
+
 @dataclasses.dataclass
-class SliceData:
+class SliceData(TensorPools):
     """The four splits as tensors: images ``(N, 1, H, W)`` float32, labels ``(N, H, W)`` int64.
 
     ``unlabeled_y`` holds the hidden labels of the unlabeled slices: only the fully supervised
-    upper bound and the diagnostics read them. ``test_volumes`` cuts the test slices into the
-    volumes the metrics score; left empty, all test slices are one volume of voxel size
-    ``spacing``.
+    upper bound and the diagnostics read them. ``test_volumes`` (``val_volumes``) cuts the test
+    (validation) slices into the volumes the metrics (the validation Dice) score; left empty,
+    all those slices are one volume of voxel size ``spacing``.
     """
 
     labeled_x: torch.Tensor
@@ -124,24 +140,25 @@ class SliceData:
     #: the label id of unannotated voxels (``--ignore-label``): never trained on, never scored
     ignore_index: Optional[int] = None
     #: the test volumes, in order, covering ``test_x`` exactly; () -> one of voxel size spacing
-    test_volumes: tuple[TestVolume, ...] = ()
+    test_volumes: tuple[SliceVolume, ...] = ()
+    #: the validation volumes, the same way over ``val_x`` (validation Dice is their mean)
+    val_volumes: tuple[SliceVolume, ...] = ()
 
     def __post_init__(self) -> None:
         self.spacing = _check_spacing(self.spacing, "spacing")
-        if not self.test_volumes:
-            self.test_volumes = (TestVolume("test", 0, len(self.test_x), self.spacing),)
-        edges = [(v.start, v.stop) for v in self.test_volumes]
-        bounds = [0, *(stop for _, stop in edges)]
-        if [start for start, _ in edges] != bounds[:-1] or bounds[-1] != len(self.test_x) or any(
-            a >= b for a, b in edges
-        ):
-            raise ValueError(
-                f"`test_volumes` must cut the {len(self.test_x)} test slices into consecutive "
-                f"non-empty ranges, got {edges}."
-            )
-        known = {v.spacing is not None for v in self.test_volumes}
-        if len(known) > 1:
-            raise ValueError("`test_volumes` mix known and unknown voxel sizes; give all or none.")
+        for name, x in (("test_volumes", self.test_x), ("val_volumes", self.val_x)):
+            volumes = getattr(self, name) or (SliceVolume(name[:-8], 0, len(x), self.spacing),)
+            setattr(self, name, volumes)
+            edges = [(v.start, v.stop) for v in volumes]
+            bounds = [0, *(stop for _, stop in edges)]
+            if ([start for start, _ in edges] != bounds[:-1] or bounds[-1] != len(x)
+                    or any(a >= b for a, b in edges)):  # fmt: skip
+                raise ValueError(
+                    f"`{name}` must cut the {len(x)} {name[:-8]} slices into consecutive "
+                    f"non-empty ranges, got {edges}."
+                )
+            if len({v.spacing is not None for v in volumes}) > 1:
+                raise ValueError(f"`{name}` mix known and unknown voxel sizes; give all or none.")
 
     #: the network this data trains (``train.build_model``)
     network = "unet2d"
@@ -160,33 +177,24 @@ class SliceData:
 
     # ------------------------------------------------ what the trainer asks of every data set
 
-    @functools.cached_property
-    def _all(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.cat([self.labeled_x, self.unlabeled_x]),
-                torch.cat([self.labeled_y, self.unlabeled_y]))  # fmt: skip
-
     def draw(
         self, pool: str, k: int, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``k`` augmented training images ``(k, 1, H, W)`` and labels from ``pool`` (one of
         ``POOLS``), drawn with replacement from ``generator``."""
-        x, y = {"labeled": (self.labeled_x, self.labeled_y),
-                "unlabeled": (self.unlabeled_x, self.unlabeled_y),
-                "all": self._all}[pool]  # fmt: skip
+        x, y = self.pool(pool)
         idx = torch.randint(0, len(x), (k,), generator=generator)
         xb, yb = augment(x[idx], y[idx], generator)
         assert yb is not None
         return xb, yb
 
     def volumes(self, split: str) -> list[Volume]:
-        """The ``"val"`` or ``"test"`` volumes, each scored whole: the validation slices form
-        one volume; the test slices the ``test_volumes``."""
-        if split == "val":
-            return [Volume("validation", self.val_x[:, 0].numpy(), self.val_y.numpy(),
-                           self.spacing)]  # fmt: skip
-        x, y = self.test_x[:, 0].numpy(), self.test_y.numpy()
-        return [Volume(v.name, x[v.start : v.stop], y[v.start : v.stop], v.spacing)
-                for v in self.test_volumes]  # fmt: skip
+        """The ``"val"`` or ``"test"`` volumes, each scored whole (``val_volumes`` /
+        ``test_volumes``: the MNI slab, each case of a folder, each slab of a single case)."""
+        x, y, ranges = ((self.val_x, self.val_y, self.val_volumes) if split == "val" else
+                        (self.test_x, self.test_y, self.test_volumes))  # fmt: skip
+        return [Volume(v.name, x[v.start : v.stop, 0].numpy(), y[v.start : v.stop].numpy(),
+                       v.spacing) for v in ranges]  # fmt: skip
 
     def predict_volume(self, model: torch.nn.Module, image: np.ndarray, amp: str) -> np.ndarray:
         """The class ids ``(D, H, W)`` the model predicts for a volume of ``volumes``."""
@@ -424,7 +432,7 @@ def mni_data(
     test_x, test_y = take(*split.test)
     # axes (Z, Y, X) after the transpose; rows and columns resized from Y, X to h, w
     spacing = resized_spacing((sz, sy, sx), image.shape[1:], (h, w))
-    volume = TestVolume(f"test slab z {split.test[0]}..{split.test[1] - 1}", 0, len(test_x),
+    volume = SliceVolume(f"test slab z {split.test[0]}..{split.test[1] - 1}", 0, len(test_x),
                         spacing)  # fmt: skip
     return SliceData(
         labeled_x=train_x[lab_idx], labeled_y=train_y[lab_idx],
@@ -750,13 +758,13 @@ def split_volume(
     )
 
 
-def _test_volumes(
+def _slice_volumes(
     split: list[tuple[int, int]], cases: list[tuple[str, np.ndarray, np.ndarray]],
     spacings: list[Optional[Spacing]],
-) -> tuple[TestVolume, ...]:  # fmt: skip
-    """The test slices ``split`` ((case, slice) in order) as volumes: each run of consecutive
+) -> tuple[SliceVolume, ...]:  # fmt: skip
+    """The slices ``split`` ((case, slice) in order) as volumes: each run of consecutive
     slices of one case. A whole case keeps its name; a slab of one is ``NAME slices A..B``."""
-    volumes: list[TestVolume] = []
+    volumes: list[SliceVolume] = []
     start = 0
     for k in range(1, len(split) + 1):
         if k < len(split) and split[k] == (split[k - 1][0], split[k - 1][1] + 1):
@@ -765,7 +773,7 @@ def _test_volumes(
         name = cases[i][0]
         if (z0, z1) != (0, len(cases[i][2]) - 1):
             name = f"{name} slices {z0}..{z1}"
-        volumes.append(TestVolume(name, start, k, spacings[i]))
+        volumes.append(SliceVolume(name, start, k, spacings[i]))
         start = k
     return tuple(volumes)
 
@@ -837,7 +845,8 @@ def cases_data(
     _require_unlabeled(unl_idx, len(train_x), gap)
     val_x, val_y = gather(splits[1])
     test_x, test_y = gather(splits[2])
-    test_volumes = _test_volumes(splits[2], cases, spacings)
+    test_volumes = _slice_volumes(splits[2], cases, spacings)
+    val_volumes = _slice_volumes(splits[1], cases, spacings)
     shared = {v.spacing for v in test_volumes}
     if notes:
         description = f"{description} ({'; '.join(notes)})"
@@ -847,6 +856,7 @@ def cases_data(
         val_x=val_x, val_y=val_y, test_x=test_x, test_y=test_y,
         class_names=names, spacing=shared.pop() if len(shared) == 1 else None,
         description=description, ignore_index=ignore_index, test_volumes=test_volumes,
+        val_volumes=val_volumes,
     )  # fmt: skip
 
 

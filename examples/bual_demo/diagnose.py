@@ -45,7 +45,7 @@ from .cli import load_data, parse_args
 from .data import DataError, example_slice, example_view
 from .report import LABELS
 from .runfolder import RunFolderError, load_checkpoint, read_config, run_folder
-from .train import TrainConfig, build_model
+from .train import TrainConfig, build_model, resolve_device
 
 ESTIMATORS = ("entropy", "mc_dropout")
 ESTIMATOR_LABELS = {"entropy": "teacher entropy", "mc_dropout": "MC-dropout entropy"}
@@ -95,8 +95,9 @@ def teacher_reports(
     accs = {name: _accumulator(data.ignore_index) for name in ESTIMATORS}
     logits_all, maps = [], {name: [] for name in ESTIMATORS}
     x, y = data.unlabeled_x, data.unlabeled_y
+    device = next(teacher.parameters()).device
     for i in range(0, len(x), batch):
-        xb, yb = x[i : i + batch], y[i : i + batch].long()
+        xb, yb = x[i : i + batch].to(device), y[i : i + batch].long().to(device)
         logits = teacher.eval()(xb)
         u = {
             "entropy": entropy_map(logits, from_logits=True, normalize=True),
@@ -106,8 +107,8 @@ def teacher_reports(
         }
         for name in ESTIMATORS:
             accs[name].update(logits, yb, uncertainty=u[name])
-            maps[name].append(u[name])
-        logits_all.append(logits)
+            maps[name].append(u[name].cpu())
+        logits_all.append(logits.cpu())
     reports = {name: acc.compute() for name, acc in accs.items()}
     arrays = {"logits": torch.cat(logits_all)}
     arrays.update({name: torch.cat(m) for name, m in maps.items()})
@@ -229,6 +230,7 @@ def diagnose(
             f"built: {data.summary()}\ngive the data options the comparison was run with."
         )
     cfg = TrainConfig(**config["train"])
+    device = resolve_device("auto")  # the teachers on a GPU when there is one
     methods, seeds = config["methods"], config["seeds"]
     if figure_method not in methods:
         figure_method = methods[0]
@@ -238,7 +240,7 @@ def diagnose(
         runs[method] = []
         for seed in seeds:
             folder = run_folder(run_dir, method, seed)
-            teacher = load_teacher(folder, method, data, cfg)
+            teacher = load_teacher(folder, method, data, cfg).to(device)
             reports, arrays = teacher_reports(teacher, data, passes=passes, seed=seed)
             entry = {"seed": seed, **{n: scalars(r) for n, r in reports.items()}}
             runs[method].append(entry)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import DataError, Spacing, Volume, example_slice, spacing_text
+from .data import DataError, Spacing, TensorPools, Volume, example_slice, spacing_text
 from .inference import predict_slices, predict_sliding_window, zoom_nearest
 from .protocols import (
     ACDC_CLASSES,
@@ -67,7 +67,7 @@ def ssl4mis_augment(
 
 
 @dataclasses.dataclass
-class ACDCData:
+class ACDCData(TensorPools):
     """SSL4MIS's ACDC protocol: training slices zoomed (nearest) to the ``patch`` (SSL4MIS
     zooms every training slice to it), the first ``labeled`` of them labeled; validation and
     test volumes kept at their own size and predicted slice by slice as SSL4MIS's
@@ -101,17 +101,10 @@ class ACDCData:
     def unit(self) -> str:
         return _unit(self.test)
 
-    @functools.cached_property
-    def _all(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.cat([self.labeled_x, self.unlabeled_x]),
-                torch.cat([self.labeled_y, self.unlabeled_y]))  # fmt: skip
-
     def draw(
         self, pool: str, k: int, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = {"labeled": (self.labeled_x, self.labeled_y),
-                "unlabeled": (self.unlabeled_x, self.unlabeled_y),
-                "all": self._all}[pool]  # fmt: skip
+        x, y = self.pool(pool)
         idx = torch.randint(0, len(x), (k,), generator=generator)
         return ssl4mis_augment(x[idx], y[idx].long(), generator)
 
