@@ -88,6 +88,7 @@ def test_must_show_command_writes_per_volume_tables(
     for column in ("Dice mean", "Jaccard mean", "HD95 mean (voxels)", "ASD mean (voxels)"):
         assert column in md
     assert "**Reduced budget**" in md
+    assert "distances in voxels of the volumes as stored" in md
     assert (out / "diagnostics.md").is_file()
 
 

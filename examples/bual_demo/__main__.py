@@ -197,7 +197,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if rank == 0:
         unit = data.unit
         where = ("in mm (the voxel size, scaled with any in-plane resize)" if unit == "mm" else
-                 "in voxels (voxel size unknown; --spacing gives it for HDF5 files)")
+                 f"in voxels {data.voxels} (voxel size unknown; --spacing gives it)")
         header = (f"Per-volume test metrics: Dice, Jaccard, 95% Hausdorff distance (HD95) and "
                   f"average surface distance (ASD), mean ± sample std over seeds {seeds}; "
                   f"{iterations} iterations per run for every method. Each test volume "

@@ -162,6 +162,8 @@ class SliceData(TensorPools):
 
     #: the network this data trains (``train.build_model``)
     network = "unet2d"
+    #: the grid of the distances when the voxel size is unknown, for the results header
+    voxels = "of the resized slices"
     #: how ``volumes`` are predicted, for the results header
     inference = ("the MNI test slab, a case of a NIfTI or HDF5 folder, a test slab of a single "
                  "case: stacked back from its slices")

@@ -28,6 +28,8 @@ from .protocols import (
     read_ua_mt_la,
 )
 
+#: the distances' grid without a voxel size: the volumes as stored, the unit of both papers
+VOXELS = "of the volumes as stored (the unit SSL4MIS and UA-MT report)"
 #: UA-MT's sliding-window strides (x, y, z) at test time (``test_LA.py``: 18, 18, 4).
 LA_STRIDE = (18, 18, 4)
 
@@ -85,6 +87,7 @@ class ACDCData(TensorPools):
     ignore_index: Optional[int] = None
 
     network = "ssl4mis-unet"
+    voxels = VOXELS
 
     @property
     def inference(self) -> str:
@@ -187,6 +190,7 @@ class LAData:
     ignore_index: Optional[int] = None
 
     network = "vnet"
+    voxels = VOXELS
 
     @property
     def inference(self) -> str:
