@@ -17,7 +17,7 @@ pytest.importorskip("h5py")
 pytest.importorskip("scipy")
 from examples.bual_demo import METHODS
 from examples.bual_demo.__main__ import main
-from examples.bual_demo.cli import PROTOCOLS, load_data, parse_args
+from examples.bual_demo.cli import PROTOCOLS, budget, load_data, parse_args
 from examples.bual_demo.data import DataError, mni_dir
 from examples.bual_demo.protocol_data import (
     LAData,
@@ -107,6 +107,8 @@ def test_protocol_defaults_apply_unless_a_flag_overrides_them() -> None:
         2, 2, "step", 16)  # fmt: skip
     assert tuple(la.patch_size) == (112, 112, 80)
     mni = parse_args([])
+    assert mni.iterations is None and acdc.iterations is None  # left to the budget
+    assert [budget(a)["iterations"] for a in (mni, acdc, la)] == [200, 30000, 6000]
     defaults = TrainConfig()
     assert (mni.labeled_batch, mni.lr, mni.optimizer, mni.levels) == (
         defaults.labeled_batch, defaults.lr, defaults.optimizer, defaults.levels)  # fmt: skip

@@ -251,6 +251,8 @@ def resolve_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     own = PROTOCOLS.get(protocol(args) or "", {})
     defaults = TrainConfig()
     for field in dataclasses.fields(TrainConfig):
+        if field.name in ("iterations", "device"):  # the budget's (cli.budget); --device's own
+            continue
         if getattr(args, field.name, None) is None and hasattr(args, field.name):
             setattr(args, field.name, own.get(field.name, getattr(defaults, field.name)))
     for name in ("labeled_cases", "patch_size"):
