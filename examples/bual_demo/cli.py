@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "class; sorted values become classes 0, 1, ... (labels 0, 1, 5 -> 3 "
                    "classes), a mapping the data summary prints")  # fmt: skip
     g.add_argument("--spacing", type=float, nargs=3, metavar=("SLICE", "ROW", "COL"),
-                   help="--h5-dir: the voxel size in mm along the files' axes (slices first; "
+                   help="HDF5 data (--h5-dir, --ssl4mis-acdc, --ssl4mis-la): the voxel size in mm "
+                   "along the files' axes (for --h5-dir slices first; "
                    "for 2D slice files the distance between slices, then rows, columns), which "
                    "HDF5 files do not store; scaled with --size. Without it HD95 and ASD are "
                    "in voxels of the resized slices. NIfTI headers give their own; the MNI "

@@ -34,8 +34,21 @@ VOXELS = "of the volumes as stored (the unit SSL4MIS and UA-MT report)"
 LA_STRIDE = (18, 18, 4)
 
 
-def _unit(volumes: list[Volume]) -> str:
-    return "voxels" if not volumes or volumes[0].spacing is None else "mm"
+class ProtocolVolumes:
+    """What both protocols' data share: the classes (``class_names``) and the test volumes
+    (``test``) of the class using it."""
+
+    voxels = VOXELS
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)  # type: ignore[attr-defined]
+
+    @property
+    def unit(self) -> str:
+        """The unit of the distances (HD95, ASD): "mm", or "voxels" when the size is unknown."""
+        test = self.test  # type: ignore[attr-defined]
+        return "voxels" if not test or test[0].spacing is None else "mm"
 
 
 # -------------------------------------------------------------------------------- ACDC (2D)
@@ -69,7 +82,7 @@ def ssl4mis_augment(
 
 
 @dataclasses.dataclass
-class ACDCData(TensorPools):
+class ACDCData(TensorPools, ProtocolVolumes):
     """SSL4MIS's ACDC protocol: training slices zoomed (nearest) to the ``patch`` (SSL4MIS
     zooms every training slice to it), the first ``labeled`` of them labeled; validation and
     test volumes kept at their own size and predicted slice by slice as SSL4MIS's
@@ -87,7 +100,6 @@ class ACDCData(TensorPools):
     ignore_index: Optional[int] = None
 
     network = "ssl4mis-unet"
-    voxels = VOXELS
 
     @property
     def inference(self) -> str:
@@ -95,14 +107,6 @@ class ACDCData(TensorPools):
         return (f"a volume of test.list: its slices zoomed to the {p[0]}x{p[1]} patch "
                 "(nearest, SSL4MIS's `zoom(order=0)`), predicted and zoomed back, at the "
                 "volume's own size")  # fmt: skip
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def unit(self) -> str:
-        return _unit(self.test)
 
     def draw(
         self, pool: str, k: int, generator: torch.Generator
@@ -174,7 +178,7 @@ def ua_mt_rot_flip(
 
 
 @dataclasses.dataclass
-class LAData:
+class LAData(ProtocolVolumes):
     """UA-MT's LA protocol: whole training volumes, the first ``len(labeled)`` of
     ``train.list`` labeled; each draw a random rotation / flip and a random ``patch`` crop
     (UA-MT's ``RandomRotFlip`` + ``RandomCrop``); test volumes predicted by sliding windows
@@ -190,7 +194,6 @@ class LAData:
     ignore_index: Optional[int] = None
 
     network = "vnet"
-    voxels = VOXELS
 
     @property
     def inference(self) -> str:
@@ -198,14 +201,6 @@ class LAData:
         return (f"a volume of test.list, predicted by {p[0]}x{p[1]}x{p[2]} sliding windows "
                 f"with UA-MT's strides {s[0]}, {s[1]}, {s[2]}: softmax averaged where they "
                 "overlap, zero-padded where the volume is smaller than the patch")  # fmt: skip
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def unit(self) -> str:
-        return _unit(self.test)
 
     def draw(
         self, pool: str, k: int, generator: torch.Generator
