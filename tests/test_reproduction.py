@@ -106,7 +106,9 @@ def test_protocol_defaults_apply_unless_a_flag_overrides_them() -> None:
     assert (la.labeled_batch, la.unlabeled_batch, la.lr_schedule, la.labeled_cases) == (
         2, 2, "step", 16)  # fmt: skip
     assert tuple(la.patch_size) == (112, 112, 80)
+    assert acdc.ce_dice_weight == la.ce_dice_weight == 0.5  # their 0.5 (CE + Dice)
     mni = parse_args([])
+    assert mni.ce_dice_weight == 1.0  # MONAI's DiceCELoss
     assert mni.iterations is None and acdc.iterations is None  # left to the budget
     assert [budget(a)["iterations"] for a in (mni, acdc, la)] == [200, 30000, 6000]
     defaults = TrainConfig()
@@ -256,3 +258,21 @@ def test_lr_schedules(schedule: str, steps: list[int], expected: list[float], tm
     np.testing.assert_allclose(got, expected, rtol=1e-12)
     assert isinstance(run.opt, torch.optim.SGD)
     assert run.opt.defaults["momentum"] == 0.9
+
+
+@pytest.mark.parametrize("method", ["supervised", "mean_teacher", "uamt", "bual", "full"])
+def test_ce_dice_weight_scales_every_ce_dice_loss(method: str, tmp_path) -> None:
+    """SSL4MIS and UA-MT train on 0.5 (CE + Dice): the protocols' ``ce_dice_weight`` halves
+    the labeled loss of every method (and BUAL's pseudo-label loss, a CE + Dice too)."""
+    from tests.test_examples import _tiny_data
+
+    data = _tiny_data()
+    logs = {}
+    for w in (1.0, 0.5):
+        cfg = TrainConfig(iterations=4, base=4, mc_passes=2, ce_dice_weight=w)
+        logs[w] = Run(method, 0, data, cfg, tmp_path / str(w)).train_step()
+    assert logs[0.5]["sup"] == pytest.approx(0.5 * logs[1.0]["sup"], rel=1e-5)
+    if method == "bual":
+        assert logs[0.5]["cons"] == pytest.approx(0.5 * logs[1.0]["cons"], rel=1e-5)
+    elif "cons" in logs[1.0]:  # the softmax-MSE consistency is not a CE + Dice: unchanged
+        assert logs[0.5]["cons"] == pytest.approx(logs[1.0]["cons"], rel=1e-5)

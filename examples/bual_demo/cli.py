@@ -53,12 +53,13 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     "acdc": {"labeled_cases": 7, "patch_size": (256, 256), "labeled_batch": 12,
              "unlabeled_batch": 12, "lr": 0.01, "optimizer": "sgd", "momentum": 0.9,
              "weight_decay": 1e-4, "lr_schedule": "poly", "base": 16, "levels": 5,
-             "ema_decay": 0.99, "consistency": 0.1, "rampup": 1.0, "eval_every": 200,
-             "checkpoint_every": 200},
+             "ema_decay": 0.99, "consistency": 0.1, "rampup": 1.0, "ce_dice_weight": 0.5,
+             "eval_every": 200, "checkpoint_every": 200},
     "la": {"labeled_cases": 16, "patch_size": (112, 112, 80), "labeled_batch": 2,
            "unlabeled_batch": 2, "lr": 0.01, "optimizer": "sgd", "momentum": 0.9,
            "weight_decay": 1e-4, "lr_schedule": "step", "base": 16, "ema_decay": 0.99,
-           "consistency": 0.1, "rampup": 1.0, "eval_every": 200, "checkpoint_every": 200},
+           "consistency": 0.1, "rampup": 1.0, "ce_dice_weight": 0.5, "eval_every": 200,
+           "checkpoint_every": 200},
 }  # fmt: skip
 
 
@@ -103,6 +104,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "rampup": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "teacher_noise": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "mc_passes": (lambda v: v >= 2 and v % 2 == 0, "even and >= 2 (two passes per forward)"),
+    "ce_dice_weight": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "bual_alpha": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "bual_beta": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "bual_high_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),

@@ -71,6 +71,9 @@ class TrainConfig:
     rampup: float = 1.0  # consistency ramp length as a fraction of the iterations (SSL4MIS: 1)
     teacher_noise: float = 0.1  # std of the teacher's input noise, clipped at 2 std (SSL4MIS)
     mc_passes: int = 8  # UA-MT's T
+    # the weight of CE and of Dice in every CE + Dice loss: 1 = MONAI's DiceCELoss; SSL4MIS and
+    # UA-MT train on 0.5 (CE + Dice)
+    ce_dice_weight: float = 1.0
     bual_alpha: float = 1.0
     bual_beta: float = 0.0
     bual_uncertainty: str = "entropy"  # "entropy" (library default) or "mc" (UA-MT's estimate)

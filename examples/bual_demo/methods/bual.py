@@ -24,7 +24,9 @@ def bual_options(method: str, cfg: TrainConfig) -> dict[str, Any]:
     """The ``bidirectional_loss`` options of a BUAL method: ``bual`` keeps the library's
     defaults; the ablations change one thing each. ``--bual-high-ratio`` / ``--bual-low-ratio``
     override the thresholds of every variant."""
-    options: dict[str, Any] = {"alpha": cfg.bual_alpha, "beta": cfg.bual_beta}
+    w = cfg.ce_dice_weight
+    options: dict[str, Any] = {"alpha": cfg.bual_alpha, "beta": cfg.bual_beta, "lambda_ce": w,
+                               "lambda_dice": w}  # fmt: skip
     uamt = uamt_threshold_schedule(cfg.iterations, base="normalized")
     if method == "bual_uamt":  # the former default: UA-MT's 0.75 -> 1.0 of the max entropy
         options.update(high_threshold=uamt, low_threshold=uamt)

@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 
 def sup_and_distance(run: Run, b: SemiBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """The supervised loss and the per-voxel squared softmax distance ``(B, H, W)``."""
-    sup = region_ce_dice_loss(b.zl, b.yl, ignore_index=run.data.ignore_index)
+    w = run.cfg.ce_dice_weight
+    sup = region_ce_dice_loss(b.zl, b.yl, ignore_index=run.data.ignore_index, lambda_ce=w,
+                              lambda_dice=w)  # fmt: skip
     dist_sq = (b.zu.softmax(1) - b.zt.softmax(1)).pow(2).mean(1)  # (B, H, W)
     return sup, dist_sq
 

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
 
 
 def loss(run: Run, xl: torch.Tensor, yl: torch.Tensor, log: dict[str, float]) -> torch.Tensor:
-    value = region_ce_dice_loss(run.model(xl), yl, ignore_index=run.data.ignore_index)
+    w = run.cfg.ce_dice_weight
+    value = region_ce_dice_loss(run.model(xl), yl, ignore_index=run.data.ignore_index,
+                                lambda_ce=w, lambda_dice=w)  # fmt: skip
     log["sup"] = value.item()
     return value
