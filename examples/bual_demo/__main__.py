@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from . import ABLATIONS
 
 # the flags and the data (shared with diagnose.py)
-from .cli import BUDGETS, budget, load_data, parse_args, train_config
+from .cli import BUDGETS, budget_name, load_data, parse_args, train_config
 from .data import DataError
 from .diagnose import diagnose
 from .report import figures, write_report
@@ -102,7 +102,8 @@ def _train(
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    own = budget(args)
+    name = budget_name(args)
+    own = BUDGETS[name]
     iterations = args.iterations if args.iterations is not None else own["iterations"]
     seeds = list(range(args.seeds if args.seeds is not None else own["seeds"]))
     out: Path = args.out or Path(own["out"])
@@ -166,10 +167,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if world > 1:
         dist.barrier()
 
-    budget_name = next(name for name, b in BUDGETS.items() if b is own)
     say(f"Data: {data.summary()}")
     say(f"Budget: {len(args.methods)} methods x {len(seeds)} seeds x {iterations} iterations "
-        f"({budget_name} budget), {torch.get_num_threads()} "
+        f"({name} budget), {torch.get_num_threads()} "
         f"thread(s) x {max(world, workers)} process(es); output {out}/")  # fmt: skip
     start = time.perf_counter()
     # seed by seed (complete seeds first, so --report-only has whole seeds to show), the
@@ -213,11 +213,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"worker ({args.threads} thread), which the machine's load inflates. "
                   f"Trained on {cfg.device}, mixed precision (--amp) {cfg.amp}."
                   f"\n\nData: {data.summary()}.")  # fmt: skip
-        if budget_name == "demo":
+        if name == "demo":
             header = ("**Demonstration budget** (reduced iterations): shows the pipeline, not "
                       "converged results; run with `--full` for those.\n\n" + header)  # fmt: skip
         elif iterations < own["iterations"]:
-            header = (f"**Reduced budget** ({iterations} of the {budget_name} protocol's "
+            header = (f"**Reduced budget** ({iterations} of the {name} protocol's "
                       f"{own['iterations']} iterations): shows the pipeline, not results "
                       "to compare with the papers.\n\n" + header)  # fmt: skip
         md, js = write_report(out, results, data.class_names, header, config, unit)

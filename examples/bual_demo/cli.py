@@ -70,9 +70,14 @@ def protocol(args: argparse.Namespace) -> Optional[str]:
     return "la" if getattr(args, "ssl4mis_la", None) else None
 
 
+def budget_name(args: argparse.Namespace) -> str:
+    """The key of the data's budget in ``BUDGETS``."""
+    return protocol(args) or ("full" if args.full else "demo")
+
+
 def budget(args: argparse.Namespace) -> dict[str, Any]:
     """The iterations, seeds and output folder the flags leave to the data's budget."""
-    return BUDGETS[protocol(args) or ("full" if args.full else "demo")]
+    return BUDGETS[budget_name(args)]
 
 #: The value rules of the flags, checked by ``check_args`` (flag name -> (valid?, a valid
 #: value)). ``None`` (a flag left at a default of "none" / "the budget's") is always valid.
@@ -240,9 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help=HELP.get(field.name, "") + f" {rule[1] if rule else ''} "
                        f"(default {value}{note})".lstrip())  # fmt: skip
         if field.name == "unlabeled_batch":
+            sizes = [f"{n} {c['labeled_batch'] + c['unlabeled_batch']}"
+                     for n, c in PROTOCOLS.items()]  # fmt: skip
             t.add_argument("--batch", type=int, help="images per step, labeled + unlabeled: "
                            "the unlabeled batch is BATCH - --labeled-batch (SSL4MIS's "
-                           "batch_size; default 4; acdc 24, la 4)")  # fmt: skip
+                           f"batch_size; default {defaults.labeled_batch + value}; "
+                           f"{', '.join(sizes)})")  # fmt: skip
     return p
 
 
@@ -256,7 +264,7 @@ def resolve_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     for field in dataclasses.fields(TrainConfig):
         if field.name in ("iterations", "device"):  # the budget's (cli.budget); --device's own
             continue
-        if getattr(args, field.name, None) is None and hasattr(args, field.name):
+        if getattr(args, field.name) is None:
             setattr(args, field.name, own.get(field.name, getattr(defaults, field.name)))
     for name in ("labeled_cases", "patch_size"):
         if getattr(args, name, None) is None and name in own:
